@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test test-all demo bench bench-toy tensorboard clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the test suite (CI runs this through .ci/run); about 10 minutes on 2 cores
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --timeout 900 $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --timeout 1800 $(PYTEST_ARGS)
+
+## the main job on the embedded default: distill the exact ring-of-8 teacher into a one-step student with DMD2
+demo: $(STAMP)
+	$(VENV)/bin/distill fit -c experiments/toy/ring8/dmd2.yaml
+
+## every method and the teacher's own sampler on the toy suite -> bench-results/toy.{json,md}
+bench-toy: $(STAMP)
+	$(PY) benchmarks/toy.py --output bench-results $(BENCH_ARGS)
+
+bench: bench-toy
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir lightning_logs --host 127.0.0.1 --port 6006
+
+clean:
+	rm -rf lightning_logs bench-results .pytest_cache

@@ -1,0 +1,5 @@
+"""Callbacks: EMA of the student, two time-scale updates, sample pictures and ground-truth metrics."""
+from .ema import StudentEMA
+from .ground_truth import GroundTruthMetrics
+from .samples import SampleImages
+from .ttur import TwoTimeScaleUpdate

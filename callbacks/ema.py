@@ -1,0 +1,60 @@
+"""Exponential moving average of the student, ticking on generator updates only.
+
+Built on torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``. Lightning's own ``WeightAveraging`` callback
+averages after every optimizer step, which in manual optimization with a critic would tick on critic updates too
+(the flaw noted in FastGen), hence this small callback. The average is registered as the module's evaluation student,
+so validation metrics, sample grids and exports use it. Its state travels in the Lightning checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class StudentEMA(Callback):
+    def __init__(self, decay: float = 0.999, start_step: int = 0, evaluate_with_ema: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.start_step, self.evaluate_with_ema = decay, start_step, evaluate_with_ema
+        self.average: AveragedModel | None = None
+        self.generator_updates = 0
+        self._pending_state: dict | None = None
+
+    def _ensure(self, pl_module):
+        if self.average is None:
+            self.average = AveragedModel(pl_module.averaged_network(), multi_avg_fn=get_ema_multi_avg_fn(self.decay),
+                                         use_buffers=True).requires_grad_(False)
+            if self._pending_state is not None:
+                self.average.load_state_dict(self._pending_state)
+                self._pending_state = None
+        self.average.to(pl_module.device)
+        if self.evaluate_with_ema:
+            pl_module.evaluation_student = self.average.module
+
+    def setup(self, trainer, pl_module, stage):
+        self._ensure(pl_module)
+
+    def on_fit_start(self, trainer, pl_module):
+        # after the warm start and any checkpoint restore: start from the student unless the average was restored
+        self._ensure(pl_module)
+        if int(self.average.n_averaged) == 0:
+            self.average.module.load_state_dict(pl_module.averaged_network().state_dict())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if getattr(pl_module, "generator_stepped", True):
+            self.generator_updates += 1
+            if self.generator_updates > self.start_step:
+                self.average.update_parameters(pl_module.averaged_network())
+
+    def state_dict(self):
+        return {"generator_updates": self.generator_updates,
+                "average": None if self.average is None else self.average.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.generator_updates = state_dict["generator_updates"]
+        if state_dict["average"] is not None:
+            if self.average is None:
+                self._pending_state = state_dict["average"]
+            else:
+                self.average.load_state_dict(state_dict["average"])

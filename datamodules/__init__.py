@@ -1,0 +1,3 @@
+"""DataModules for the three regimes: data-free noise, toy mixtures with exact laws (and, later, prompts and images)."""
+from .noise import NoiseBatches, NoiseDataModule
+from .toy import ToyMixtureDataModule

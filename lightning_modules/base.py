@@ -1,0 +1,322 @@
+"""DistillationModule: the shared machinery every distillation method stands on.
+
+It owns the frozen teacher T (held once, never in an optimizer), the student generator G, optional critic F and
+discriminator head, their optimizers and LR schedulers (manual optimization, one clip norm per network), the student's
+K-step sampler with DMD2's backward simulation, and evaluation sampling. A method subclass only answers the question
+"which loss from (T, F, G, x_g, x_t)?" by implementing ``generator_loss`` and, if it trains a critic, ``critic_loss``.
+
+Batch contract (see ``datamodules``): ``{"noise": (B, *shape), "cond": (B,) long or None,
+"real": optional (B, *shape) data samples, "real_cond": their labels}``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from .diffusion.guidance import classifier_free_guidance
+from .diffusion.samplers import prior_sample, student_sample, teacher_sample
+from .networks.denoiser import Denoiser
+from .warm_start import regress_to_teacher
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+
+class DistillationModule(LightningModule):
+    #: methods that train a critic (fake-score network) set this
+    uses_critic: bool = False
+    #: methods whose generator step needs real data samples in the batch
+    needs_real_data: bool = False
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        student: Denoiser | None = None,
+        critic: Denoiser | None = None,
+        discriminator: nn.Module | None = None,
+        student_timesteps: Sequence[float] | None = None,
+        student_sigmas: Sequence[float] | None = None,
+        backward_simulation: bool = True,
+        guidance_scale: float = 1.0,
+        generator_optimizer: OptimizerCallable = _adamw,
+        critic_optimizer: OptimizerCallable = _adamw,
+        generator_lr_scheduler: LRSchedulerCallable | None = None,
+        critic_lr_scheduler: LRSchedulerCallable | None = None,
+        generator_clip_norm: float | None = 10.0,
+        critic_clip_norm: float | None = 10.0,
+        warm_start_steps: int = 0,
+        warm_start_lr: float = 2e-3,
+        warm_start_batch_size: int = 512,
+        eval_nfe: Sequence[int] = (1,),
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher", "student", "critic", "discriminator", "generator_optimizer",
+                                          "critic_optimizer", "generator_lr_scheduler", "critic_lr_scheduler"])
+        self.automatic_optimization = False
+        if teacher.schedule is None:
+            raise ValueError("the teacher needs a noise schedule (teacher.init_args.schedule)")
+        for name, value in [("warm_start_steps", warm_start_steps), ("warm_start_batch_size", warm_start_batch_size)]:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if any(n < 1 for n in eval_nfe):
+            raise ValueError(f"eval_nfe entries must be >= 1, got {list(eval_nfe)}")
+
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.schedule = teacher.schedule
+        # Networks that start from the teacher are explicit copies (DMD2/SiD initialise G and F from T).
+        self.student = copy.deepcopy(teacher).requires_grad_(True) if student is None else student
+        self._share_schedule(self.student, "student")
+        self._check_shapes(self.student, "student")
+        self.critic = None
+        if self.uses_critic:
+            self.critic = copy.deepcopy(self.student) if critic is None else critic
+            self._share_schedule(self.critic, "critic")
+            self._check_shapes(self.critic, "critic")
+        self.discriminator = discriminator
+        self.student_times = self._resolve_student_times(student_timesteps, student_sigmas)
+        self.generator_optimizer_factory, self.critic_optimizer_factory = generator_optimizer, critic_optimizer
+        self.generator_scheduler_factory, self.critic_scheduler_factory = generator_lr_scheduler, critic_lr_scheduler
+        self.register_buffer("warm_started", torch.tensor(False), persistent=True)
+        #: set each batch by the TwoTimeScaleUpdate callback; without it every batch updates the generator
+        self.update_generator_now = True
+        #: the network sampled for evaluation (the EMA callback points this at its average)
+        self.evaluation_student: nn.Module | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _share_schedule(self, network: Denoiser, name: str) -> None:
+        if network.schedule is None:
+            network.schedule = self.schedule
+        elif network.schedule.describe() != self.schedule.describe():
+            raise ValueError(f"{name} schedule {network.schedule.describe()} differs from the teacher's "
+                             f"{self.schedule.describe()}; omit it to share the teacher's")
+
+    def _check_shapes(self, network: Denoiser, name: str) -> None:
+        ours, theirs = network.data_shape, self.teacher.data_shape
+        if ours is not None and theirs is not None and tuple(ours) != tuple(theirs):
+            raise ValueError(f"{name} data shape {tuple(ours)} does not match the teacher's {tuple(theirs)}")
+
+    def _resolve_student_times(self, timesteps, sigmas) -> Tensor:
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give student_timesteps or student_sigmas, not both")
+        if sigmas is not None:
+            times = self.schedule.time_from_edm_sigma(torch.tensor(list(sigmas), dtype=torch.float64))
+        elif timesteps is not None:
+            times = torch.tensor(list(timesteps), dtype=torch.float64)
+        else:
+            times = torch.tensor([self.schedule.t_max], dtype=torch.float64)
+        if len(times) == 0 or (times < self.schedule.t_min).any() or (times > self.schedule.t_max).any():
+            raise ValueError(f"student times {times.tolist()} must be non-empty and inside "
+                             f"[{self.schedule.t_min}, {self.schedule.t_max}]")
+        if (times[1:] >= times[:-1]).any():
+            raise ValueError(f"student times must be strictly decreasing, got {times.tolist()}")
+        return times
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the frozen teacher never runs in training mode (dropout, batch statistics)
+        return self
+
+    # ------------------------------------------------------------------ networks as the methods see them
+    def teacher_x0(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance_scale: Tensor | float | None = None) -> Tensor:
+        """The teacher's x0 estimate, with classifier-free guidance on the teacher only (DMD2 Sec. 4.2)."""
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        null = None if cond is None else torch.full_like(cond, self._null_label())
+        return classifier_free_guidance(self.teacher, x_t, t, cond, null, scale)
+
+    def _null_label(self) -> int:
+        classes = getattr(self.teacher, "num_classes", None)
+        if not classes:
+            raise ValueError("guidance_scale != 1 needs a class-conditional teacher with num_classes")
+        return classes
+
+    def sample_times(self, sampler, n: int) -> Tensor:
+        return sampler(n, self.schedule, device=self.device)
+
+    def noise_like(self, x: Tensor) -> Tensor:
+        return torch.randn_like(x)
+
+    def generate(self, noise: Tensor, cond: Tensor | None = None, nfe: int | None = None,
+                 network: nn.Module | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Student samples in ``nfe`` steps (default: its training steps). Gradients flow if enabled by the caller."""
+        network = self.student if network is None else network
+        times = self.evaluation_times(nfe)
+        return student_sample(lambda x, t: network(x, t, cond), noise, times, self.schedule, generator)
+
+    def evaluation_times(self, nfe: int | None) -> Tensor:
+        if nfe is None or nfe == len(self.student_times):
+            return self.student_times
+        start = self.schedule.edm_sigma(self.student_times[:1]).item()
+        return self.schedule.karras_times(nfe, edm_sigma_max=start)
+
+    def averaged_network(self) -> nn.Module:
+        """The network an EMA callback follows."""
+        return self.student
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Tensor | None = None, nfe: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Evaluation samples from the EMA student when one is tracked, else from the raw student."""
+        network = self.evaluation_student if self.evaluation_student is not None else self.student
+        was_training = network.training
+        network.eval()
+        try:
+            return self.generate(noise, cond, nfe, network, generator)
+        finally:
+            network.train(was_training)
+
+    @torch.no_grad()
+    def sample_teacher(self, noise: Tensor, cond: Tensor | None = None, nfe: int = 32, method: str = "heun") -> Tensor:
+        times = self.schedule.karras_times(max(1, (nfe + 1) // 2) if method == "heun" else nfe)
+        return teacher_sample(lambda x, t: self.teacher_x0(x, t, cond), noise, times, self.schedule, method)
+
+    def generator_training_sample(self, batch: dict) -> Tensor:
+        """x_g for the generator loss, with gradient. For a K-step student, DMD2's backward simulation (Sec. 4.5):
+        run k ~ U{0..K-1} student steps without gradient (k drawn on rank 0 and broadcast), then the k-th with it."""
+        noise, cond = batch["noise"], batch.get("cond")
+        times = self.student_times
+        k = 0
+        if len(times) > 1 and self.hparams.backward_simulation:
+            k = int(torch.randint(0, len(times), (1,)).item())
+            if self._trainer is not None and self.trainer.world_size > 1:
+                k = int(self.trainer.strategy.broadcast(k, src=0))
+        with torch.no_grad():
+            x_t = self._simulate(noise, cond, k)
+        t = torch.full((noise.shape[0],), float(times[k]), dtype=torch.float64, device=noise.device)
+        return self.student(x_t, t, cond)
+
+    def _prior(self, noise: Tensor) -> Tensor:
+        return prior_sample(noise, self.student_times[0], self.schedule)
+
+    def _simulate(self, noise: Tensor, cond: Tensor | None, k: int) -> Tensor:
+        """x_{t_k} reached by k student steps from noise (no gradient), ready for the k-th step."""
+        x = self._prior(noise)
+        for i in range(k):
+            t = torch.full((noise.shape[0],), float(self.student_times[i]), dtype=torch.float64, device=noise.device)
+            x0 = self.student(x, t, cond)
+            t_next = torch.full_like(t, float(self.student_times[i + 1]))
+            x = self.schedule.add_noise(x0, self.noise_like(x0), t_next)
+        return x
+
+    # ------------------------------------------------------------------ the two losses a method provides
+    def generator_loss(self, batch: dict) -> dict[str, Tensor]:
+        """Return {"loss": scalar, ...logged extras}."""
+        raise NotImplementedError
+
+    def critic_loss(self, batch: dict) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} trains no critic")
+
+    def on_generator_step_end(self) -> None:
+        """Hook after each generator update (e.g. the consistency target's EMA)."""
+
+    # ------------------------------------------------------------------ optimization
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        params = list(self.critic.parameters()) if self.critic is not None else []
+        if self.discriminator is not None:
+            params += list(self.discriminator.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizers = [self.generator_optimizer_factory(self.generator_parameters())]
+        factories = [self.generator_scheduler_factory]
+        if self.uses_critic:
+            optimizers.append(self.critic_optimizer_factory(self.critic_parameters()))
+            factories.append(self.critic_scheduler_factory)
+        schedulers = [{"scheduler": f(opt), "interval": "step"} for f, opt in zip(factories, optimizers) if f is not None]
+        return optimizers, schedulers
+
+    def _optimizer(self, name: str):
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        return optimizers[0 if name == "generator" else 1]
+
+    def _scheduler(self, name: str):
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return None
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        wanted = self._optimizer(name).optimizer
+        return next((s for s in schedulers if s.optimizer is wanted), None)
+
+    def _update(self, name: str, loss_fn, batch: dict) -> dict[str, Tensor]:
+        """toggle -> loss -> zero_grad -> backward -> clip -> step -> scheduler (Lightning's manual GAN recipe)."""
+        optimizer = self._optimizer(name)
+        with self.toggled_optimizer(optimizer):
+            losses = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(losses["loss"])
+            clip = self.hparams.generator_clip_norm if name == "generator" else self.hparams.critic_clip_norm
+            if clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+        scheduler = self._scheduler(name)
+        if scheduler is not None:
+            scheduler.step()
+        self.log(f"train/{name}/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        for key, value in losses.items():
+            self.log(f"train/{name}/{key}", value.detach().float().mean(), on_step=True, on_epoch=False,
+                     prog_bar=key == "loss")
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self._check_batch(batch)
+        self.generator_stepped = False
+        if self.uses_critic:
+            self._update("critic", self.critic_loss, batch)
+        if self.update_generator_now:
+            self._update("generator", self.generator_loss, batch)
+            self.generator_stepped = True
+            self.on_generator_step_end()
+
+    def _check_batch(self, batch: dict) -> None:
+        if "noise" not in batch:
+            raise KeyError(f"batch has keys {sorted(batch)}; a distillation batch needs 'noise'")
+        if self.needs_real_data and batch.get("real") is None:
+            raise ValueError(f"{type(self).__name__} needs real data samples: use a datamodule that provides "
+                             "'real' (e.g. ToyMixtureDataModule or an image datamodule)")
+        shape = self.teacher.data_shape
+        if shape is not None and tuple(batch["noise"].shape[1:]) != tuple(shape):
+            raise ValueError(f"noise shape {tuple(batch['noise'].shape[1:])} does not match the teacher's data shape "
+                             f"{tuple(shape)}")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._check_batch(batch)
+        losses = self.generator_loss(batch)
+        self.log("val/generator/loss", losses["loss"].detach().float(), sync_dist=True)
+        if self.uses_critic:
+            self.log("val/critic/loss", self.critic_loss(batch)["loss"].detach().float(), sync_dist=True)
+
+    # ------------------------------------------------------------------ warm start
+    def setup(self, stage: str) -> None:
+        """Toy students that are not teacher copies start from a network regressed onto the teacher (the analogue of
+        DMD2/SiD's teacher initialisation), seeded identically on every rank; skipped when resuming."""
+        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
+        if stage == "fit" and self.hparams.warm_start_steps > 0 and not bool(self.warm_started) and not resuming:
+            regress_to_teacher(self.student, self.teacher_x0, self._warm_start_law(), self.schedule,
+                               steps=self.hparams.warm_start_steps, lr=self.hparams.warm_start_lr,
+                               batch_size=self.hparams.warm_start_batch_size, seed=self.hparams.seed)
+            if self.critic is not None:
+                self.critic.load_state_dict(self.student.state_dict())
+            self.warm_started.fill_(True)
+            self.on_warm_start_end()
+
+    def on_warm_start_end(self) -> None:
+        """Hook for methods that keep extra copies of the student (e.g. a consistency target)."""
+
+    def _warm_start_law(self):
+        law = getattr(self.teacher, "law", None)
+        if law is None:
+            raise ValueError("warm_start_steps > 0 needs a teacher with a known data law (GaussianMixtureTeacher); "
+                             "for network teachers leave student unset to copy the teacher instead")
+        return law

@@ -1,0 +1,98 @@
+"""Samplers as short pure functions (in the spirit of k-diffusion's ``sampling.py``).
+
+The model contract is ``denoise(x_t, t) -> x0`` in the schedule's native time; samplers never see epsilon or v.
+``times`` are descending native times; after the last one the sampler returns the denoised estimate (sigma = 0),
+so a list of N times costs N network evaluations for Euler/DDIM and the student sampler, 2N - 1 for Heun.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .schedules import NoiseSchedule, broadcast_to_data
+
+Denoise = Callable[[Tensor, Tensor], Tensor]
+
+
+def _per_sample(t: Tensor | float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
+
+
+def prior_sample(noise: Tensor, t: Tensor | float, schedule: NoiseSchedule) -> Tensor:
+    """The starting point x_T = sigma(T) z (the data mean contributes alpha(T) E[x0], taken as 0)."""
+    _, sigma = schedule.alpha_sigma(_per_sample(t, noise))
+    return (broadcast_to_data(sigma, noise) * noise.double()).to(noise.dtype)
+
+
+def ddim_step(x_t: Tensor, x0: Tensor, t: Tensor, s: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0): x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0)/sigma_t.
+    This is exactly an Euler step of the probability-flow ODE in (edm_sigma, x / alpha)."""
+    alpha_t, sigma_t = (broadcast_to_data(c, x_t) for c in schedule.alpha_sigma(t))
+    alpha_s, sigma_s = (broadcast_to_data(c, x_t) for c in schedule.alpha_sigma(s))
+    epsilon = (x_t.double() - alpha_t * x0.double()) / sigma_t
+    return (alpha_s * x0.double() + sigma_s * epsilon).to(x_t.dtype)
+
+
+@torch.no_grad()
+def euler_sample(denoise: Denoise, x: Tensor, times: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """DDIM / Euler probability-flow sampler; NFE = len(times)."""
+    for i, t in enumerate(times):
+        t_vec = _per_sample(t, x)
+        x0 = denoise(x, t_vec)
+        x = x0 if i == len(times) - 1 else ddim_step(x, x0, t_vec, _per_sample(times[i + 1], x), schedule)
+    return x
+
+
+def heun_step(denoise: Denoise, x_t: Tensor, t: Tensor, s: Tensor, schedule: NoiseSchedule,
+              x0_at_t: Tensor | None = None) -> Tensor:
+    """One second-order step of Karras et al. (2022) Alg. 1 (lines 5-8) in x / alpha against edm_sigma."""
+    alpha_t, alpha_s = (broadcast_to_data(schedule.alpha_sigma(v)[0], x_t) for v in (t, s))
+    sigma_t, sigma_s = (broadcast_to_data(schedule.edm_sigma(v), x_t) for v in (t, s))
+    x0_t = denoise(x_t, t) if x0_at_t is None else x0_at_t
+    scaled = x_t.double() / alpha_t
+    slope = (scaled - x0_t.double()) / sigma_t
+    euler = scaled + (sigma_s - sigma_t) * slope
+    x0_s = denoise((alpha_s * euler).to(x_t.dtype), s).double()
+    slope_next = (euler - x0_s) / sigma_s
+    return (alpha_s * (scaled + (sigma_s - sigma_t) * 0.5 * (slope + slope_next))).to(x_t.dtype)
+
+
+@torch.no_grad()
+def heun_sample(denoise: Denoise, x: Tensor, times: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1); the last step to sigma = 0 is Euler."""
+    for i, t in enumerate(times):
+        t_vec = _per_sample(t, x)
+        if i == len(times) - 1:
+            return denoise(x, t_vec)
+        x = heun_step(denoise, x, t_vec, _per_sample(times[i + 1], x), schedule)
+    return x
+
+
+def student_sample(generate: Denoise, noise: Tensor, times: Tensor, schedule: NoiseSchedule,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """K-step student sampling (Song et al. 2023, Alg. 1; DMD2's multi-step generator): x0 = G(x, t_k), then re-noise
+    x0 to t_{k+1} with fresh noise. One step is G(sigma(T) z, T). Gradients flow if the caller enables them."""
+    x = prior_sample(noise, times[0], schedule)
+    for i, t in enumerate(times):
+        x0 = generate(x, _per_sample(t, x))
+        if i == len(times) - 1:
+            return x0
+        fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        x = schedule.add_noise(x0, fresh, _per_sample(times[i + 1], x0))
+    return x
+
+
+SAMPLERS = {"euler": euler_sample, "ddim": euler_sample, "heun": heun_sample}
+
+
+def teacher_sample(denoise: Denoise, noise: Tensor, times: Tensor, schedule: NoiseSchedule, method: str = "heun") -> Tensor:
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[method](denoise, prior_sample(noise, times[0], schedule), times, schedule)
+
+
+def heun_times_for_nfe(schedule: NoiseSchedule, nfe: int) -> Tensor:
+    """A Karras grid whose Heun sampler costs at most ``nfe`` evaluations (2N - 1 <= nfe)."""
+    return schedule.karras_times(max(1, (nfe + 1) // 2))

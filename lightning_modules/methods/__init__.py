@@ -1,0 +1,6 @@
+"""Distillation methods: each file is one paper's algorithm box on the shared DistillationModule."""
+from .consistency import ConsistencyDistillation
+from .dmd2 import DMD2
+from .sid import SiD
+
+METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation}

@@ -1,0 +1,59 @@
+"""Small test utilities: an affine Gaussian generator, independent closed-form denoisers, fixed-randomness patches."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_modules.networks import Denoiser, GaussianMixture
+
+
+class AffineGenerator(Denoiser):
+    """One-step generator x = m + A z with z = x_T / sigma(T): its law is exactly N(m, A A^T)."""
+
+    def __init__(self, mean, matrix, schedule=None):
+        super().__init__(schedule, prediction_type="x0")
+        self.mean = nn.Parameter(torch.as_tensor(mean, dtype=torch.float64).clone())
+        self.matrix = nn.Parameter(torch.as_tensor(matrix, dtype=torch.float64).clone())
+
+    @property
+    def data_shape(self):
+        return (self.mean.numel(),)
+
+    def predict(self, x_t, t, cond):
+        _, sigma = self.schedule.alpha_sigma(t.double())
+        z = x_t.double() / sigma[:, None]
+        return self.mean + z @ self.matrix.T
+
+    def law(self) -> GaussianMixture:
+        A = self.matrix.detach()
+        return GaussianMixture([1.0], self.mean.detach()[None], (A @ A.T)[None], name="student")
+
+
+def independent_noisy_log_prob(law: GaussianMixture, x_t, alpha, sigma):
+    """log p_t(x_t) from torch.distributions (independent of GaussianMixture's eigenbasis code)."""
+    D = law.dim
+    B = x_t.shape[0]
+    alpha = alpha.double().reshape(B, 1, 1)
+    sigma = sigma.double().reshape(B, 1, 1)
+    loc = alpha * law.means[None]                                              # (B, K, D)
+    cov = alpha[..., None] ** 2 * law.covariances[None] + sigma[..., None] ** 2 * torch.eye(D, dtype=torch.float64)
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=law.weights.expand(B, -1)),
+        torch.distributions.MultivariateNormal(loc, covariance_matrix=cov))
+    return mixture.log_prob(x_t.double())
+
+
+def independent_x0(law: GaussianMixture, x_t, alpha, sigma, create_graph=False):
+    """Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log p_t(x_t)) / alpha, with the score from autograd."""
+    x = x_t.double() if create_graph else x_t.detach().double().requires_grad_(True)
+    if not x.requires_grad:
+        x = x.requires_grad_(True)
+    score, = torch.autograd.grad(independent_noisy_log_prob(law, x, alpha, sigma).sum(), x, create_graph=create_graph)
+    return (x + sigma.double()[:, None] ** 2 * score) / alpha.double()[:, None]
+
+
+def fix_randomness(module, times, noises):
+    """Make a method draw the given times and noises (in call order) instead of random ones."""
+    times, noises = list(times), list(noises)
+    module.sample_times = lambda sampler, n: times.pop(0)
+    module.noise_like = lambda x: noises.pop(0).to(x.dtype)
