@@ -12,10 +12,11 @@ from lightning_modules.evaluation.sample_metrics import ground_truth_metrics
 
 class GroundTruthMetrics(Callback):
     def __init__(self, num_samples: int = 5000, nfe: list[int] | None = None, seed: int = 4321,
-                 num_floor_sets: int = 3):
+                 num_floor_sets: int = 3, verbose: bool = True):
         if num_samples < 10:
             raise ValueError(f"num_samples must be >= 10, got {num_samples}")
         self.num_samples, self.nfe, self.seed, self.num_floor_sets = num_samples, nfe, seed, num_floor_sets
+        self.verbose = verbose
         self.last_metrics: dict[int, dict[str, float]] = {}
 
     @staticmethod
@@ -47,3 +48,8 @@ class GroundTruthMetrics(Callback):
         for nfe, metrics in self.last_metrics.items():
             for key, value in metrics.items():
                 pl_module.log(f"val/nfe{nfe}/{key}", float(value), rank_zero_only=True)
+            if self.verbose and trainer.is_global_zero:
+                print(f"[step {trainer.global_step}] NFE {nfe}: sliced W2 {metrics['sliced_w2']:.4f} "
+                      f"(floor {metrics['sliced_w2_floor']:.4f}, ratio {metrics['sliced_w2_ratio']:.2f}), "
+                      f"mode-weight TV {metrics['mode_weight_tv']:.4f}, modes {metrics['modes_covered']:.0f}/"
+                      f"{metrics['num_modes']:.0f}, per-mode KL {metrics['per_mode_kl']:.3f}", flush=True)

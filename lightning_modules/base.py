@@ -52,7 +52,7 @@ class DistillationModule(LightningModule):
         critic_clip_norm: float | None = 10.0,
         warm_start_steps: int = 0,
         warm_start_lr: float = 2e-3,
-        warm_start_batch_size: int = 512,
+        warm_start_batch_size: int = 256,
         eval_nfe: Sequence[int] = (1,),
         seed: int = 0,
     ):
@@ -154,8 +154,10 @@ class DistillationModule(LightningModule):
     def evaluation_times(self, nfe: int | None) -> Tensor:
         if nfe is None or nfe == len(self.student_times):
             return self.student_times
+        # a Karras grid from the student's first noise level, without its last point (sigma_min), which would
+        # spend an evaluation on a step that changes nothing
         start = self.schedule.edm_sigma(self.student_times[:1]).item()
-        return self.schedule.karras_times(nfe, edm_sigma_max=start)
+        return self.schedule.karras_times(nfe + 1, edm_sigma_max=start)[:nfe]
 
     def averaged_network(self) -> nn.Module:
         """The network an EMA callback follows."""

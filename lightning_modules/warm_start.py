@@ -25,7 +25,7 @@ def log_uniform_times(n: int, schedule: NoiseSchedule, generator: torch.Generato
 
 
 def regress_to_teacher(network, teacher_x0, law, schedule: NoiseSchedule, steps: int, lr: float = 2e-3,
-                       batch_size: int = 512, seed: int = 0, null_label_fraction: float = 0.1) -> float:
+                       batch_size: int = 256, seed: int = 0, null_label_fraction: float = 0.1) -> float:
     """Fit ``network`` (x0 space) to ``teacher_x0(x_t, t, cond)``; returns the final weighted regression loss."""
     generator = torch.Generator().manual_seed(seed)
     device = next(network.parameters()).device
@@ -56,4 +56,4 @@ def regress_to_teacher(network, teacher_x0, law, schedule: NoiseSchedule, steps:
             optimizer.step()
             scheduler.step()
     network.train(was_training)
-    return float(loss)
+    return float(loss.detach())

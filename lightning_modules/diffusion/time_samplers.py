@@ -76,7 +76,8 @@ class KarrasIndexTime(TimeSampler):
         self.num_steps, self.rho = num_steps, rho
 
     def grid(self, schedule: NoiseSchedule) -> Tensor:
-        lo, hi = schedule.edm_sigma(torch.tensor(schedule.t_min)).item(), schedule.edm_sigma(torch.tensor(schedule.t_max)).item()
+        lo = schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=torch.float64)).item()
+        hi = schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64)).item()
         return schedule.time_from_edm_sigma(karras_sigmas(self.num_steps, lo, hi, self.rho))
 
     def pairs(self, n, schedule, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
@@ -101,8 +102,8 @@ class KarrasRampTime(TimeSampler):
         self.low, self.high, self.rho = low, high, rho
 
     def __call__(self, n, schedule, generator=None, device="cpu"):
-        s_min = schedule.edm_sigma(torch.tensor(schedule.t_min)).item()
-        s_max = schedule.edm_sigma(torch.tensor(schedule.t_max)).item()
+        s_min = schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=torch.float64)).item()
+        s_max = schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64)).item()
         u = self.low + (self.high - self.low) * torch.rand(n, generator=generator, dtype=torch.float64)
         sigma = (s_max ** (1 / self.rho) + u * (s_min ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
         return self._clamp(schedule.time_from_edm_sigma(sigma), schedule).to(device)

@@ -115,18 +115,19 @@ def _merged_quantile_grid(n: int, m: int, device=None):
 
 
 def _w2_squared_sorted(xs: Tensor, ys: Tensor, grid=None) -> Tensor:
-    """Exact squared 1-D W2 between empirical measures, column-wise.
+    """Exact squared 1-D W2 between empirical measures, row-wise.
 
-    ``xs`` (n, P) and ``ys`` (m, P) are sorted along dim 0.  W2^2 is the
-    integral over t in (0, 1) of (F_x^{-1}(t) - F_y^{-1}(t))^2: the mean
-    squared difference of order statistics when n == m, otherwise evaluated
-    exactly on the merged quantile grid (:func:`_merged_quantile_grid`).
+    ``xs`` (P, n) and ``ys`` (P, m) are sorted along dim 1 (one row per
+    direction).  W2^2 is the integral over t in (0, 1) of
+    (F_x^{-1}(t) - F_y^{-1}(t))^2: the mean squared difference of order
+    statistics when n == m, otherwise evaluated exactly on the merged quantile
+    grid (:func:`_merged_quantile_grid`).
     """
-    n, m = xs.shape[0], ys.shape[0]
+    n, m = xs.shape[1], ys.shape[1]
     if n == m:
-        return ((xs - ys) ** 2).mean(0)
+        return ((xs - ys) ** 2).mean(1)
     w, ix, iy = grid if grid is not None else _merged_quantile_grid(n, m, xs.device)
-    return (w[:, None] * (xs[ix] - ys[iy]) ** 2).sum(0)
+    return ((xs[:, ix] - ys[:, iy]) ** 2 @ w)
 
 
 def sliced_wasserstein2(
@@ -158,8 +159,8 @@ def sliced_wasserstein2(
     grid = _merged_quantile_grid(n, m, x.device) if n != m else None
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for chunk in directions.split(_PROJ_CHUNK):
-        px = torch.sort(x @ chunk.T, dim=0).values
-        py = torch.sort(y @ chunk.T, dim=0).values
+        px = torch.sort(chunk @ x.T, dim=1).values  # (P_chunk, n), contiguous rows
+        py = torch.sort(chunk @ y.T, dim=1).values
         total = total + _w2_squared_sorted(px, py, grid).sum()
     return math.sqrt(max(float(total) / directions.shape[0], 0.0))
 
@@ -195,18 +196,32 @@ def default_bandwidths(
 
 
 def _rbf_kernel_sum(a: Tensor, b: Tensor, coefs: Tensor, same: bool) -> float:
-    """sum_{i,j} sum_h exp(-coef_h |a_i - b_j|^2), excluding i == j when ``same``."""
+    """sum_{i,j} sum_h exp(-coef_h |a_i - b_j|^2), excluding i == j when ``same``.
+
+    With ``same`` (b is a) only the blocks on or above the diagonal are
+    evaluated and the off-diagonal ones counted twice.
+    """
     a_sq = (a * a).sum(1)
     b_sq = (b * b).sum(1)
+    neg = [-c for c in coefs.tolist()]
     total = 0.0
     for start in range(0, a.shape[0], _ROW_CHUNK):
-        ac = a[start : start + _ROW_CHUNK]
-        d2 = _sq_dists(ac, b, a_sq[start : start + _ROW_CHUNK], b_sq)
+        stop = start + _ROW_CHUNK
+        ac = a[start:stop]
         if same:
+            d2 = _sq_dists(ac, b[start:], a_sq[start:stop], b_sq[start:])
             r = torch.arange(ac.shape[0], device=a.device)
-            d2[r, r + start] = float("inf")  # exp(-inf) = 0 removes the diagonal
-        for c in coefs.tolist():
-            total += float(torch.exp(d2 * (-c)).sum())
+            d2[r, r] = float("inf")  # exp(-inf) = 0 removes the diagonal
+            diag_cols = ac.shape[0]
+        else:
+            d2 = _sq_dists(ac, b, a_sq[start:stop], b_sq)
+        buf = torch.empty_like(d2)
+        for c in neg:
+            torch.mul(d2, c, out=buf).exp_()
+            if same:
+                total += float(buf[:, :diag_cols].sum()) + 2.0 * float(buf[:, diag_cols:].sum())
+            else:
+                total += float(buf.sum())
     return total
 
 
@@ -234,10 +249,25 @@ def mmd_rbf(
         raise ValueError("mmd_rbf needs at least 2 samples in each set")
     if bandwidths is None:
         bandwidths = default_bandwidths(x, y, generator=generator)
+    return _mmd_unbiased(x, y, _rbf_coefs(bandwidths))
+
+
+def _rbf_coefs(bandwidths: Sequence[float]) -> Tensor:
     h = torch.as_tensor(list(bandwidths), dtype=torch.float64)
-    coefs = 1.0 / (2.0 * h * h)
-    kxx = _rbf_kernel_sum(x, x, coefs, same=True) / (n * (n - 1))
-    kyy = _rbf_kernel_sum(y, y, coefs, same=True) / (m * (m - 1))
+    return 1.0 / (2.0 * h * h)
+
+
+def _mean_offdiag_kernel(z: Tensor, coefs: Tensor) -> float:
+    n = z.shape[0]
+    return _rbf_kernel_sum(z, z, coefs, same=True) / (n * (n - 1))
+
+
+def _mmd_unbiased(x: Tensor, y: Tensor, coefs: Tensor, kyy: Optional[float] = None) -> float:
+    """Unbiased MMD^2 of x, y (no subsampling); ``kyy`` may be precomputed for a reused y."""
+    n, m = x.shape[0], y.shape[0]
+    kxx = _mean_offdiag_kernel(x, coefs)
+    if kyy is None:
+        kyy = _mean_offdiag_kernel(y, coefs)
     kxy = _rbf_kernel_sum(x, y, coefs, same=False) / (n * m)
     return float(kxx + kyy - 2.0 * kxy)
 
@@ -251,23 +281,29 @@ def mode_assignment(x: Tensor, law) -> Tensor:
     return law.component_log_prob(x).argmax(dim=1)
 
 
-def _mode_fractions(x: Tensor, law) -> Tensor:
+def _mode_fractions(x: Tensor, law, assignment: Optional[Tensor] = None) -> Tensor:
     k = torch.as_tensor(law.weights).numel()
-    a = mode_assignment(x, law)
+    a = mode_assignment(x, law) if assignment is None else assignment
     counts = torch.bincount(a, minlength=k).to(torch.float64)
     return counts / max(a.numel(), 1)
 
 
-def modes_covered(x: Tensor, law, min_fraction: float = 0.1) -> int:
-    """Number of components k with assigned fraction p_hat_k >= min_fraction * pi_k."""
-    p_hat = _mode_fractions(x, law)
+def modes_covered(x: Tensor, law, min_fraction: float = 0.1, assignment: Optional[Tensor] = None) -> int:
+    """Number of components k with assigned fraction p_hat_k >= min_fraction * pi_k.
+
+    ``assignment``: optional precomputed ``mode_assignment(x, law)`` (saves a law evaluation).
+    """
+    p_hat = _mode_fractions(x, law, assignment)
     pi = torch.as_tensor(law.weights, dtype=torch.float64).to(p_hat.device)
     return int((p_hat >= min_fraction * pi).sum())
 
 
-def mode_weight_tv(x: Tensor, law) -> float:
-    """Total variation 1/2 sum_k |p_hat_k - pi_k| between the MAP-assignment histogram and the weights."""
-    p_hat = _mode_fractions(x, law)
+def mode_weight_tv(x: Tensor, law, assignment: Optional[Tensor] = None) -> float:
+    """Total variation 1/2 sum_k |p_hat_k - pi_k| between the MAP-assignment histogram and the weights.
+
+    ``assignment``: optional precomputed ``mode_assignment(x, law)``.
+    """
+    p_hat = _mode_fractions(x, law, assignment)
     pi = torch.as_tensor(law.weights, dtype=torch.float64).to(p_hat.device)
     return float(0.5 * (p_hat - pi).abs().sum())
 
@@ -310,7 +346,7 @@ def _cov(x: Tensor, unbiased: bool) -> Tensor:
     return xc.T @ xc / max(denom, 1)
 
 
-def per_mode_moment_kls(x: Tensor, law) -> Dict[str, Tensor]:
+def per_mode_moment_kls(x: Tensor, law, assignment: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Per-component moment-fit KLs; see :func:`per_mode_moment_kl`.
 
     Returns ``{"kl": (K,) float64, "counts": (K,) long, "underpopulated": (K,) bool}``.
@@ -320,10 +356,13 @@ def per_mode_moment_kls(x: Tensor, law) -> Dict[str, Tensor]:
     means = torch.as_tensor(law.means, dtype=torch.float64).to(dev)
     covs = torch.as_tensor(law.covariances, dtype=torch.float64).to(dev)
     k, d = means.shape
-    assign = mode_assignment(x, law)
+    assign = mode_assignment(x, law) if assignment is None else assignment.to(dev)
     counts = torch.bincount(assign, minlength=k)
-    global_mean = x.mean(0) if x.shape[0] > 0 else torch.zeros(d, dtype=torch.float64, device=dev)
-    global_cov = _cov(x, unbiased=False) if x.shape[0] > 1 else torch.zeros(d, d, dtype=torch.float64, device=dev)
+    if x.shape[0] > 0:
+        global_mean, global_cov = x.mean(0), _cov(x, unbiased=False)
+    else:
+        global_mean = torch.zeros(d, dtype=torch.float64, device=dev)
+        global_cov = torch.zeros(d, d, dtype=torch.float64, device=dev)
     kls = torch.empty(k, dtype=torch.float64)
     under = counts < d + 2
     for j in range(k):
@@ -336,7 +375,7 @@ def per_mode_moment_kls(x: Tensor, law) -> Dict[str, Tensor]:
     return {"kl": kls, "counts": counts.cpu(), "underpopulated": under.cpu()}
 
 
-def per_mode_moment_kl(x: Tensor, law) -> float:
+def per_mode_moment_kl(x: Tensor, law, assignment: Optional[Tensor] = None) -> float:
     """Weighted moment-fit KL:  sum_k pi_k KL( N(m_hat_k, S_hat_k) || N(mu_k, Sigma_k) ).
 
     Samples are split by MAP component (:func:`mode_assignment`); m_hat_k and
@@ -351,10 +390,12 @@ def per_mode_moment_kl(x: Tensor, law) -> float:
     samples.  It is >= 0.15 D whenever x is at least as spread as Sigma_k and
     grows with the distance between the modes, so dropping a well-separated
     mode costs much more than mis-shaping one.
-    Note the MAP split truncates overlapping components, so even exact samples
-    give a positive value (see the floor in :func:`ground_truth_metrics`).
+    Note the MAP split truncates overlapping components, and the covariance
+    fit is biased by about D (D + 1) / (4 n_k), so even exact samples give a
+    positive value (see the floor in :func:`ground_truth_metrics`).
+    ``assignment``: optional precomputed ``mode_assignment(x, law)``.
     """
-    res = per_mode_moment_kls(x, law)
+    res = per_mode_moment_kls(x, law, assignment)
     pi = torch.as_tensor(law.weights, dtype=torch.float64).cpu()
     return float((pi * res["kl"]).sum())
 
@@ -472,18 +513,20 @@ def ground_truth_metrics(
 
     directions = random_directions(d, num_projections, generator, dev)
     ref_sub = _subsample(reference, max_points, generator)
-    bandwidths = default_bandwidths(ref_sub, generator=generator)
+    coefs = _rbf_coefs(default_bandwidths(ref_sub, generator=generator))
+    k_ref = _mean_offdiag_kernel(ref_sub, coefs)  # shared by every MMD below
 
     def _mmd(a: Tensor) -> float:
-        return mmd_rbf(_subsample(a, max_points, generator), ref_sub, bandwidths=bandwidths, max_points=None)
+        return _mmd_unbiased(_subsample(a, max_points, generator), ref_sub, coefs, kyy=k_ref)
 
     out: Dict[str, float] = {}
     out["sliced_w2"] = sliced_wasserstein2(x, reference, directions=directions)
     out["mmd"] = _mmd(x)
-    out["modes_covered"] = float(modes_covered(x, law, min_fraction=min_mode_fraction))
+    assign = mode_assignment(x, law)
+    out["modes_covered"] = float(modes_covered(x, law, min_fraction=min_mode_fraction, assignment=assign))
     out["num_modes"] = float(k_modes)
-    out["mode_weight_tv"] = mode_weight_tv(x, law)
-    out["per_mode_kl"] = per_mode_moment_kl(x, law)
+    out["mode_weight_tv"] = mode_weight_tv(x, law, assignment=assign)
+    out["per_mode_kl"] = per_mode_moment_kl(x, law, assignment=assign)
     out["off_manifold"] = off_manifold_mass(x, law, reference, quantile=off_manifold_quantile)
     out.update(knn_precision_recall(x, reference, k=knn_k, max_points=max_points, generator=generator))
 
@@ -491,8 +534,9 @@ def ground_truth_metrics(
     for e in floor_sets:
         sw.append(sliced_wasserstein2(e, reference, directions=directions))
         mm.append(_mmd(e))
-        tv.append(mode_weight_tv(e, law))
-        kl.append(per_mode_moment_kl(e, law))
+        assign = mode_assignment(e, law)
+        tv.append(mode_weight_tv(e, law, assignment=assign))
+        kl.append(per_mode_moment_kl(e, law, assignment=assign))
     out["sliced_w2_floor"] = sum(sw) / len(sw)
     # unbiased MMD^2 of exact sets is 0 in expectation; its floor is the noise
     # magnitude, the mean |MMD^2| over the exact sets
