@@ -14,6 +14,7 @@ import copy
 from typing import Any, Sequence
 
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -298,6 +299,23 @@ class DistillationModule(LightningModule):
         self.log("val/generator/loss", losses["loss"].detach().float(), sync_dist=True)
         if self.uses_critic:
             self.log("val/critic/loss", self.critic_loss(batch)["loss"].detach().float(), sync_dist=True)
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The methods draw noise levels and re-noising noise from the global generators, so resuming bit-for-bit
+        # needs their states (Lightning restores model, optimizers, schedulers and callbacks, not RNG).
+        # numpy's state is stored as tensors and numbers so checkpoints still load with weights_only=True.
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        kind, keys, position, has_gauss, cached = states.pop("numpy")
+        states["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached)]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            states = dict(checkpoint["rng_states"])
+            kind, keys, position, has_gauss, cached = states.pop("numpy")
+            states["numpy"] = (kind, keys.numpy().astype("uint32"), position, has_gauss, cached)
+            _set_rng_states(states)
 
     # ------------------------------------------------------------------ warm start
     def setup(self, stage: str) -> None:
