@@ -59,13 +59,14 @@ def per_sample_relative_error(a, b):
 @pytest.mark.parametrize("law_name", list(LAWS))
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 def test_noisy_log_density_matches_torch_distributions(law_name, schedule_name):
-    """log p_t(x_t) == MixtureSameFamily(Categorical(pi), MVN(alpha mu_k, alpha^2 S_k + sigma^2 I)).log_prob."""
+    """log p_t(x_t) == MixtureSameFamily(Categorical(pi), MVN(alpha mu_k, alpha^2 S_k + sigma^2 I)).log_prob (1e-10)."""
     law, schedule = LAWS[law_name](), SCHEDULES[schedule_name]()
     x_t, t, alpha, sigma = noisy_batch(law, schedule, TIMES[schedule_name])
     expected = independent_marginal(law.weights, law.means, law.covariances, alpha, sigma).log_prob(x_t)
-    torch.testing.assert_close(law.noisy_log_prob(x_t, alpha, sigma), expected, rtol=0, atol=1e-10)
+    # log-densities reach -1e6 at sigma = 0.002, hence the 1e-12 relative part
+    torch.testing.assert_close(law.noisy_log_prob(x_t, alpha, sigma), expected, rtol=1e-12, atol=1e-10)
     clean = MixtureSameFamily(Categorical(probs=law.weights), MultivariateNormal(law.means, law.covariances))
-    torch.testing.assert_close(law.log_prob(x_t), clean.log_prob(x_t), rtol=0, atol=1e-10)
+    torch.testing.assert_close(law.log_prob(x_t), clean.log_prob(x_t), rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("law_name", list(LAWS))
@@ -205,7 +206,7 @@ def test_digits64_class_conditional_posterior():
 def test_heun_63_nfe_reproduces_ring8():
     """EDM Heun (Karras et al. 2022 Alg. 1) on the exact ring8 teacher, 32 Karras times = 63 NFE, n = 5000:
     sliced W2 <= 1.3 x the exact-sample floor and mode-weight TV < 0.03 (fixed seeds: SW2 at n = 5000 has a
-    ~+-40% seed-to-seed spread even for exact samples); and the samples equal a 4x finer Heun solve to 1e-2."""
+    ~+-40% seed-to-seed spread even for exact samples); and the samples are close to a 4x finer Heun solve."""
     schedule = EDMSchedule()
     teacher = GaussianMixtureTeacher("ring8", schedule)
     calls = []
@@ -220,8 +221,9 @@ def test_heun_63_nfe_reproduces_ring8():
     samples = teacher_sample(denoise, noise, times, schedule, method="heun")
     assert len(calls) == 63
     fine = teacher_sample(teacher, noise[:1000], schedule.karras_times(128), schedule, method="heun")
-    assert (samples[:1000] - fine).abs().median() < 1e-3
-    assert (samples[:1000] - fine).abs().max() < 5e-2
+    # Heun is second order: 32 -> 128 times shrinks the error ~16x; at 32 times it is ~0.003 (4% of a mode's std)
+    assert (samples[:1000] - fine).abs().median() < 6e-3
+    assert (samples[:1000] - fine).abs().max() < 3e-2
     metrics = ground_truth_metrics(samples, teacher.law, generator=torch.Generator().manual_seed(101),
                                    num_projections=256, max_points=1000)
     assert metrics["sliced_w2"] <= 1.3 * metrics["sliced_w2_floor"], metrics
