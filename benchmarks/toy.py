@@ -1,0 +1,207 @@
+"""The toy benchmark: every method and the teacher's own samplers on the Gaussian-mixture suite, scored against the
+exact law at NFE 1, 2, 4, 8, 16, 32, 64.
+
+    python benchmarks/toy.py --output bench-results            (make bench-toy)
+    python benchmarks/toy.py --datasets ring8 --methods dmd2 --scale 0.25
+
+Each (dataset, method) trains in its own process (one CPU thread each, ``--jobs`` at a time) from
+``experiments/toy/<dataset>/<method>.yaml`` -- the same file ``distill fit -c`` uses -- so the peak memory of a run is
+that process's own. Writes ``toy.json`` (one record per method x dataset x NFE with every metric, seconds per training
+batch and per generator update, peak memory) and ``toy.md`` (tables). Floors are the same metrics between exact sample
+sets of the same size, averaged over several sets; ratios to them are what to compare (see shared metrics notes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DATASETS = ["ring8", "grid25", "aniso", "digits64"]
+METHODS = ["dmd2", "sid", "cd"]
+NFES = [1, 2, 4, 8, 16, 32, 64]
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321):
+    """Metrics of ``sample_fn(noise, cond, nfe)`` at every NFE; floors computed once and shared by all NFEs."""
+    import torch
+
+    from lightning_modules.evaluation.sample_metrics import ground_truth_metrics
+
+    records, floors = {}, None
+    for nfe in nfes:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((num_samples, law.dim), generator=generator)
+        cond = torch.multinomial(law.class_weights(), num_samples, replacement=True, generator=generator)
+        start = time.time()
+        samples = sample_fn(noise, cond, nfe).double()
+        sampling_seconds = time.time() - start
+        metrics = ground_truth_metrics(samples, law, generator=torch.Generator().manual_seed(seed + 1),
+                                       num_floor_sets=num_floor_sets, floors=floors)
+        floors = {k: v for k, v in metrics.items() if k.endswith("_floor")}
+        records[nfe] = {**metrics, "sampling_seconds": sampling_seconds}
+    return records
+
+
+def run_method(dataset, method, args):
+    """Worker: train one config and evaluate its student at every NFE."""
+    import torch
+
+    torch.set_num_threads(1)
+    from lightning_modules.cli import main
+
+    config = os.path.join(ROOT, "experiments", "toy", dataset, f"{method}.yaml")
+    overrides = ["--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                 "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0"]
+    cli = main(["-c", config, *overrides], run=False)
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    batches = max(50, int(datamodule.batches_per_epoch * args.scale))
+    datamodule.batches_per_epoch = batches
+    module.hparams.warm_start_steps = max(100, int(module.hparams.warm_start_steps * min(1.0, args.scale * 2)))
+    start = time.time()
+    module.setup("fit")
+    warm_start_seconds = time.time() - start
+    start = time.time()
+    trainer.fit(module, datamodule)
+    train_seconds = time.time() - start
+    ttur = next((c for c in trainer.callbacks if type(c).__name__ == "TwoTimeScaleUpdate"), None)
+    ratio = ttur.ratio if ttur is not None else 1
+    generator_updates = -(-batches // ratio)
+    conditional = bool(getattr(module.student, "num_classes", 0))
+    records = evaluate(lambda z, c, nfe: module.sample(z, c if conditional else None, nfe), datamodule.law, args.nfe,
+                       args.num_samples, args.num_floor_sets)
+    common = {"dataset": dataset, "method": method, "training_batches": batches,
+              "generator_updates": generator_updates, "warm_start_seconds": warm_start_seconds,
+              "train_seconds": train_seconds, "seconds_per_batch": train_seconds / batches,
+              "seconds_per_generator_update": train_seconds / generator_updates,
+              "parameters": sum(p.numel() for p in module.student.parameters()),
+              "peak_memory_mb": peak_memory_mb()}
+    return [{**common, "nfe": nfe, **metrics} for nfe, metrics in records.items()]
+
+
+def run_teacher(dataset, args):
+    import torch
+
+    torch.set_num_threads(1)
+    from lightning_modules.diffusion import EDMSchedule, teacher_sample
+    from lightning_modules.networks import GaussianMixtureTeacher
+
+    schedule = EDMSchedule()
+    teacher = GaussianMixtureTeacher(dataset, schedule)
+    rows = []
+    for sampler in ("heun", "euler"):
+        def sample(noise, cond, nfe, sampler=sampler):
+            steps = max(1, (nfe + 1) // 2) if sampler == "heun" else nfe
+            times = schedule.karras_times(steps)
+            return teacher_sample(lambda x, t: teacher(x, t, cond), noise.double(), times, schedule, sampler)
+        records = evaluate(sample, teacher.law, args.nfe, args.num_samples, args.num_floor_sets)
+        for nfe, metrics in records.items():
+            actual = 2 * max(1, (nfe + 1) // 2) - 1 if sampler == "heun" else nfe
+            rows.append({"dataset": dataset, "method": f"teacher-{sampler}", "nfe": nfe, "actual_nfe": actual,
+                         "peak_memory_mb": peak_memory_mb(), **metrics})
+    return rows
+
+
+def worker_main(args):
+    rows = run_teacher(args.dataset, args) if args.method == "teacher" else run_method(args.dataset, args.method, args)
+    with open(args.worker_output, "w") as handle:
+        json.dump(rows, handle)
+
+
+def launch(dataset, method, args, scratch):
+    out = os.path.join(scratch, f"{dataset}-{method}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--dataset", dataset, "--method", method,
+               "--worker-output", out, "--scale", str(args.scale), "--num-samples", str(args.num_samples),
+               "--num-floor-sets", str(args.num_floor_sets), "--nfe", *map(str, args.nfe)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{dataset}/{method} failed:\n{result.stderr[-3000:]}")
+    print(f"  {dataset:9s} {method:8s} done in {time.time() - start:6.1f}s", flush=True)
+    with open(out) as handle:
+        return json.load(handle)
+
+
+def markdown(rows, nfes) -> str:
+    lines = ["# Toy benchmark", "",
+             "Sliced W2 as a ratio to the finite-sample floor (exact vs exact at the same n, averaged over sets), "
+             "mode-weight TV, per-mode moment KL; lower is better, a perfect sampler scores a ratio of about 1.", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        floor = subset[0]
+        lines += [f"## {dataset}", "",
+                  f"floors: sliced W2 {floor['sliced_w2_floor']:.4f}, mode TV {floor['mode_weight_tv_floor']:.4f}, "
+                  f"per-mode KL {floor['per_mode_kl_floor']:.4f}", "",
+                  "| method | " + " | ".join(f"NFE {n}: SW2 ratio / TV" for n in nfes) + " | s / batch | peak MB |",
+                  "|---|" + "---|" * (len(nfes) + 2)]
+        for method in dict.fromkeys(r["method"] for r in subset):
+            by_nfe = {r["nfe"]: r for r in subset if r["method"] == method}
+            cells = [f"{by_nfe[n]['sliced_w2_ratio']:.2f} / {by_nfe[n]['mode_weight_tv']:.3f}" if n in by_nfe else "-"
+                     for n in nfes]
+            any_row = next(iter(by_nfe.values()))
+            speed = f"{any_row['seconds_per_batch'] * 1e3:.1f} ms" if "seconds_per_batch" in any_row else "-"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {speed} | {any_row['peak_memory_mb']:.0f} |")
+        one_step = [r for r in subset if r["nfe"] == 1 and not r["method"].startswith("teacher")]
+        if one_step:
+            best = min(one_step, key=lambda r: r["sliced_w2_ratio"])
+            lines += ["", f"best 1-step student: **{best['method']}** (sliced W2 {best['sliced_w2']:.4f} = "
+                      f"{best['sliced_w2_ratio']:.2f} x floor, mode TV {best['mode_weight_tv']:.4f}, "
+                      f"modes {best['modes_covered']:.0f}/{best['num_modes']:.0f})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="bench-results")
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--methods", nargs="+", default=METHODS + ["teacher"], choices=METHODS + ["teacher"])
+    parser.add_argument("--nfe", nargs="+", type=int, default=NFES)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of each config's training batches")
+    parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument("--num-floor-sets", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args)
+    if args.scale <= 0 or args.num_samples < 100 or any(n < 1 for n in args.nfe):
+        parser.error(f"need --scale > 0, --num-samples >= 100, NFE >= 1; got {args.scale}, {args.num_samples}, {args.nfe}")
+    os.makedirs(args.output, exist_ok=True)
+    scratch = os.path.join(args.output, "runs")
+    os.makedirs(scratch, exist_ok=True)
+    jobs = [(d, m) for d in args.datasets for m in args.methods]
+    print(f"toy benchmark: {len(jobs)} runs, {args.jobs} at a time", flush=True)
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda job: launch(*job, args, scratch), jobs))
+    rows = [row for result in results for row in result]
+    protocol = {"num_samples": args.num_samples, "num_floor_sets": args.num_floor_sets, "scale": args.scale,
+                "nfe": args.nfe, "seed": 4321, "total_seconds": time.time() - start}
+    tmp_json = os.path.join(args.output, "toy.json.tmp")
+    with open(tmp_json, "w") as handle:
+        json.dump({"protocol": protocol, "records": rows}, handle, indent=1)
+    os.replace(tmp_json, os.path.join(args.output, "toy.json"))
+    text = markdown(rows, args.nfe)
+    with open(os.path.join(args.output, "toy.md"), "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
