@@ -94,16 +94,20 @@ def run_teacher(dataset, args):
     import torch
 
     torch.set_num_threads(1)
-    from lightning_modules.diffusion import EDMSchedule, teacher_sample
+    import yaml
+
+    from lightning_modules.diffusion import EDMSchedule, sampler_times, teacher_sample
     from lightning_modules.networks import GaussianMixtureTeacher
 
+    with open(os.path.join(ROOT, "experiments", "toy", dataset, "dmd2.yaml")) as handle:
+        conditional = bool(yaml.safe_load(handle)["data"]["init_args"].get("conditional", False))
     schedule = EDMSchedule()
     teacher = GaussianMixtureTeacher(dataset, schedule)
     rows = []
     for sampler in ("heun", "euler"):
         def sample(noise, cond, nfe, sampler=sampler):
-            steps = max(1, (nfe + 1) // 2) if sampler == "heun" else nfe
-            times = schedule.karras_times(steps)
+            cond = cond if conditional else None
+            times = sampler_times(schedule, nfe, sampler)
             return teacher_sample(lambda x, t: teacher(x, t, cond), noise.double(), times, schedule, sampler)
         records = evaluate(sample, teacher.law, args.nfe, args.num_samples, args.num_floor_sets)
         for nfe, metrics in records.items():

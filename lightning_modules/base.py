@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from .diffusion.guidance import classifier_free_guidance
-from .diffusion.samplers import prior_sample, student_sample, teacher_sample
+from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
 from .warm_start import regress_to_teacher
 
@@ -155,10 +155,8 @@ class DistillationModule(LightningModule):
     def evaluation_times(self, nfe: int | None) -> Tensor:
         if nfe is None or nfe == len(self.student_times):
             return self.student_times
-        # a Karras grid from the student's first noise level, without its last point (sigma_min), which would
-        # spend an evaluation on a step that changes nothing
         start = self.schedule.edm_sigma(self.student_times[:1]).item()
-        return self.schedule.karras_times(nfe + 1, edm_sigma_max=start)[:nfe]
+        return sampler_times(self.schedule, nfe, "student", edm_sigma_max=start)
 
     def averaged_network(self) -> nn.Module:
         """The network an EMA callback follows."""
@@ -178,7 +176,7 @@ class DistillationModule(LightningModule):
 
     @torch.no_grad()
     def sample_teacher(self, noise: Tensor, cond: Tensor | None = None, nfe: int = 32, method: str = "heun") -> Tensor:
-        times = self.schedule.karras_times(max(1, (nfe + 1) // 2) if method == "heun" else nfe)
+        times = sampler_times(self.schedule, nfe, method)
         return teacher_sample(lambda x, t: self.teacher_x0(x, t, cond), noise, times, self.schedule, method)
 
     def generator_training_sample(self, batch: dict) -> Tensor:

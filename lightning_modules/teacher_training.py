@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from .diffusion.samplers import teacher_sample
+from .diffusion.samplers import sampler_times, teacher_sample
 from .diffusion.schedules import NoiseSchedule
 from .diffusion.time_samplers import LogNormalTime, TimeSampler
 from .losses import denoising_score_matching, dsm_weight
@@ -79,7 +79,7 @@ class DenoisingScoreMatching(LightningModule):
         network = self.evaluation_student if self.evaluation_student is not None else self.network
         nfe = nfe or self.hparams.eval_nfe[0]
         method = self.hparams.sampler
-        times = self.schedule.karras_times(max(1, (nfe + 1) // 2) if method == "heun" else nfe)
+        times = sampler_times(self.schedule, nfe, method)
         return teacher_sample(lambda x, t: network(x, t, cond), noise, times, self.schedule, method)
 
     @property

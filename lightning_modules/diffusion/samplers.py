@@ -93,6 +93,12 @@ def teacher_sample(denoise: Denoise, noise: Tensor, times: Tensor, schedule: Noi
     return SAMPLERS[method](denoise, prior_sample(noise, times[0], schedule), times, schedule)
 
 
-def heun_times_for_nfe(schedule: NoiseSchedule, nfe: int) -> Tensor:
-    """A Karras grid whose Heun sampler costs at most ``nfe`` evaluations (2N - 1 <= nfe)."""
-    return schedule.karras_times(max(1, (nfe + 1) // 2))
+def sampler_times(schedule: NoiseSchedule, nfe: int, method: str = "heun", edm_sigma_max: float | None = None) -> Tensor:
+    """Descending native times for a sampler that may spend ``nfe`` evaluations: N levels (N = nfe for Euler and
+    student sampling, 2N - 1 <= nfe for Heun) of a Karras grid of N + 1 points whose last point, sigma_min, is dropped;
+    the final denoising then replaces the step to sigma_min. Keeping sigma_min as a level would waste an evaluation and
+    make a coarse Heun step divide by sigma_min (EDM's Alg. 1 assumes many steps)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    levels = max(1, (nfe + 1) // 2) if method == "heun" else nfe
+    return schedule.karras_times(levels + 1, edm_sigma_max=edm_sigma_max)[:levels]
