@@ -1,5 +1,4 @@
 """The Gaussian-mixture laws and their exact teacher against independent torch.distributions computations."""
-import math
 
 import pytest
 import torch

@@ -182,3 +182,40 @@ def test_dmd2_gan_terms_reach_discriminator_and_generator():
     assert gen["gan"].item() > 0
     assert math.isclose(gen["loss"].item(), (gen["distribution_matching"] + 0.5 * gen["gan"]).item(), rel_tol=1e-6)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_backward_simulation_runs_k_steps_without_gradient_then_one_with(monkeypatch):
+    """DMD2 Sec. 4.5: for a K-step student, x_g is the k-th step's output on the student's own k-step trajectory."""
+    torch.manual_seed(0)
+    schedule = EDMSchedule()
+    teacher = GaussianMixtureTeacher("ring8", schedule)
+    student = ToyMLPDenoiser(2, hidden=16, depth=2)
+    module = DMD2(teacher=teacher, student=student, student_sigmas=[80.0, 2.0, 0.5, 0.1])
+    calls = []
+    original = student.forward
+
+    def recording_forward(x_t, t, cond=None, prediction="x0"):
+        calls.append((float(t[0]), torch.is_grad_enabled()))
+        return original(x_t, t, cond, prediction)
+    monkeypatch.setattr(student, "forward", recording_forward)
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.tensor([2]))
+    x_g = module.generator_training_sample({"noise": torch.randn(8, 2)})
+    assert [round(t, 6) for t, _ in calls] == [80.0, 2.0, 0.5]
+    assert [grad for _, grad in calls] == [False, False, True]
+    assert x_g.requires_grad
+
+
+def test_consistency_online_and_target_share_one_dropout_mask():
+    """With dropout, online and target calls at the same input and weights agree exactly (shared RNG state)."""
+    torch.manual_seed(0)
+    schedule = EDMSchedule()
+    student = ToyMLPDenoiser(2, hidden=64, depth=3, dropout=0.5, boundary_condition=True)
+    module = ConsistencyDistillation(teacher=GaussianMixtureTeacher("ring8", schedule), student=student)
+    module.target_student.module.load_state_dict(student.state_dict())
+    x = torch.randn(32, 2)
+    t = torch.full((32,), 1.0, dtype=torch.float64)
+    module.consistency_pair = lambda batch: (x, t, x, t, None)
+    student.train()
+    assert module.generator_loss({"noise": x, "real": x})["loss"].item() == 0.0
+    # and dropout is really active: two plain calls differ
+    assert not torch.equal(student(x, t), student(x, t))

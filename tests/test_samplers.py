@@ -1,12 +1,10 @@
 """ODE / student samplers and classifier-free guidance against closed-form Gaussian flows and the exact teacher."""
-import math
-
 import pytest
 import torch
 
-from lightning_modules.diffusion import (EDMSchedule, VPContinuousSchedule, VPDiscreteSchedule, classifier_free_guidance,
-                                         ddim_step, euler_sample, guided_x0, heun_sample, heun_times_for_nfe,
-                                         prior_sample, student_sample, teacher_sample)
+from lightning_modules.diffusion import (EDMSchedule, VPContinuousSchedule, VPDiscreteSchedule,
+                                         classifier_free_guidance, ddim_step, guided_x0, heun_sample, prior_sample,
+                                         sampler_times, student_sample, teacher_sample)
 from lightning_modules.networks import GaussianMixture, GaussianMixtureTeacher, get_toy_law
 
 F64 = torch.float64
@@ -141,12 +139,23 @@ def test_ddim_step_formula():
     torch.testing.assert_close(ddim_step(x_t, x0, t, s, schedule), expected, rtol=1e-13, atol=1e-13)
 
 
-def test_heun_times_for_nfe():
-    """heun_times_for_nfe(nfe) gives N = (nfe + 1) // 2 times, so Heun costs 2N - 1 <= nfe evaluations."""
+def test_sampler_times_budget():
+    """sampler_times(nfe): Heun gets N = (nfe + 1) // 2 levels (2N - 1 <= nfe), Euler N = nfe, each the first N points
+    of an (N + 1)-point Karras grid (sigma_min dropped); a Heun run really costs 2N - 1 calls."""
     schedule = EDMSchedule()
     for nfe in (1, 2, 35, 63, 64):
-        times = heun_times_for_nfe(schedule, nfe)
-        assert 2 * times.shape[0] - 1 <= nfe and times.shape[0] == max(1, (nfe + 1) // 2)
+        heun, euler = sampler_times(schedule, nfe, "heun"), sampler_times(schedule, nfe, "euler")
+        assert heun.shape[0] == max(1, (nfe + 1) // 2) and 2 * heun.shape[0] - 1 <= nfe
+        assert euler.shape[0] == nfe
+        torch.testing.assert_close(euler, schedule.karras_times(nfe + 1)[:nfe], rtol=1e-12, atol=0)
+        assert heun[0].item() == pytest.approx(80.0)
+    calls = []
+    teacher = GaussianMixtureTeacher(get_toy_law("ring8"), schedule)
+    teacher_sample(lambda x, t: calls.append(1) or teacher(x, t), _noise(4)[:, :2], sampler_times(schedule, 35),
+                   schedule)
+    assert len(calls) == 35
+    with pytest.raises(ValueError, match="got 0"):
+        sampler_times(schedule, 0)
 
 
 @pytest.mark.parametrize("schedule_factory", [EDMSchedule, VPDiscreteSchedule, VPContinuousSchedule])

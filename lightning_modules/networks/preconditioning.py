@@ -31,7 +31,8 @@ def edm_precondition(backbone, x_t: Tensor, t: Tensor, cond, schedule: NoiseSche
     """x0 prediction of ``backbone(scaled_input, c_noise, cond)`` under EDM preconditioning."""
     alpha, _ = schedule.alpha_sigma(t.double())
     edm_sigma = schedule.edm_sigma(t.double())
-    boundary = schedule.edm_sigma(torch.tensor(schedule.t_min)).item() if boundary_condition else None
+    t_min = torch.tensor(schedule.t_min, dtype=torch.float64)
+    boundary = schedule.edm_sigma(t_min).item() if boundary_condition else None
     c_skip, c_out, c_in, c_noise = edm_coefficients(edm_sigma, sigma_data, boundary)
     scaled = x_t.double() / broadcast_to_data(alpha, x_t)
     network_input = (broadcast_to_data(c_in, x_t) * scaled).to(x_t.dtype)
