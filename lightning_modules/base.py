@@ -25,11 +25,28 @@ from .networks.denoiser import Denoiser
 from .warm_start import regress_to_teacher
 
 
+class EvaluationNetworkMixin:
+    """``evaluation_student``: the network sampled for evaluation (an EMA average when a callback registers one).
+    Held outside nn.Module's registry so the average is neither a parameter of the module, nor in its state dict
+    (the EMA callback checkpoints it), nor broadcast by DDP."""
+
+    @property
+    def evaluation_student(self):
+        return self.__dict__.get("_evaluation_network")
+
+    @evaluation_student.setter
+    def evaluation_student(self, network):
+        self.__dict__["_evaluation_network"] = network
+
+    def set_evaluation_network(self, network) -> None:
+        self.__dict__["_evaluation_network"] = network
+
+
 def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
 
-class DistillationModule(LightningModule):
+class DistillationModule(EvaluationNetworkMixin, LightningModule):
     #: methods that train a critic (fake-score network) set this
     uses_critic: bool = False
     #: methods whose generator step needs real data samples in the batch
@@ -89,8 +106,6 @@ class DistillationModule(LightningModule):
         self.register_buffer("warm_started", torch.tensor(False), persistent=True)
         #: set each batch by the TwoTimeScaleUpdate callback; without it every batch updates the generator
         self.update_generator_now = True
-        #: the network sampled for evaluation (the EMA callback points this at its average)
-        self.evaluation_student: nn.Module | None = None
 
     # ------------------------------------------------------------------ construction helpers
     def _share_schedule(self, network: Denoiser, name: str) -> None:

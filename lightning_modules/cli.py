@@ -3,11 +3,15 @@
     distill fit -c experiments/toy/ring8/dmd2.yaml [--model.init_args.guidance_scale 2 ...]
     distill validate -c experiments/toy/ring8/dmd2.yaml --ckpt_path PATH
     distill fit -c CONFIG --print_config
+    distill export -c CONFIG --ckpt_path PATH --export_dir DIR [--use_ema true] [--overwrite false]
 
+``export`` builds the model from the config (later ``--model...`` style overrides pass through), loads the checkpoint
+(with the StudentEMA average when it holds one) and writes a diffusers folder (see ``lightning_modules.export``).
 Configs are parsed in OmegaConf mode, so ``${...}`` interpolation works inside YAML files.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -24,14 +28,52 @@ class DistillCLI(LightningCLI):
     """LightningCLI with the framework's defaults (TensorBoard logger, resolved config saved per run)."""
 
 
-def main(args: list[str] | None = None, run: bool = True) -> DistillCLI:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _build(args: list[str] | None, run: bool) -> DistillCLI:
     return DistillCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True}, args=args, run=run,
         seed_everything_default=0, auto_configure_optimizers=False,
     )
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def export(args: list[str]) -> DistillCLI:
+    """``distill export``: config + Lightning checkpoint -> diffusers folder."""
+    from lightning_modules.export import export_student, load_checkpoint_for_export
+
+    parser = argparse.ArgumentParser(
+        prog="distill export", description="Write a trained student as a diffusers folder (unet/ + scheduler/ + "
+        "distillation.json + README.md). Other arguments (e.g. --model.init_args...) override the config.")
+    parser.add_argument("-c", "--config", action="append", required=True, help="the training config (repeatable)")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint of the trained module")
+    parser.add_argument("--export_dir", required=True, help="folder to write; must not exist or be empty")
+    parser.add_argument("--use_ema", type=_flag, default=True, help="export the StudentEMA average if the "
+                        "checkpoint holds one (default true)")
+    parser.add_argument("--overwrite", type=_flag, default=False, help="replace a non-empty export_dir")
+    known, overrides = parser.parse_known_args(args)
+    cli = _build([arg for path in known.config for arg in ("-c", path)] + overrides, run=False)
+    load_checkpoint_for_export(cli.model, known.ckpt_path, use_ema=known.use_ema)
+    folder = export_student(cli.model, known.export_dir, use_ema=known.use_ema, overwrite=known.overwrite)
+    print(f"exported {type(cli.model).__name__} student to {folder}")
+    return cli
+
+
+def main(args: list[str] | None = None, run: bool = True) -> DistillCLI | None:
+    """Returns the CLI object when called with ``args``; as the console script (no args) returns None, so that
+    ``sys.exit(main())`` exits with status 0 after a successful run."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if args is None else list(args)
+    cli = export(argv[1:]) if argv[:1] == ["export"] else _build(args, run)
+    return None if args is None else cli
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from .base import EvaluationNetworkMixin
 from .diffusion.samplers import sampler_times, teacher_sample
 from .diffusion.schedules import NoiseSchedule
 from .diffusion.time_samplers import LogNormalTime, TimeSampler
@@ -23,7 +24,7 @@ def _adam(params):
     return torch.optim.Adam(params, lr=1e-3)
 
 
-class DenoisingScoreMatching(LightningModule):
+class DenoisingScoreMatching(EvaluationNetworkMixin, LightningModule):
     def __init__(self, network: Denoiser, schedule: NoiseSchedule | None = None,
                  time_sampler: TimeSampler | None = None, weighting: str = "edm", label_dropout: float = 0.1,
                  optimizer: OptimizerCallable = _adam, lr_scheduler: LRSchedulerCallable | None = None,
@@ -40,7 +41,6 @@ class DenoisingScoreMatching(LightningModule):
         self.time_sampler = time_sampler or LogNormalTime(-1.2, 1.2)
         dsm_weight(self.schedule, torch.ones(1), weighting)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.evaluation_student: nn.Module | None = None
 
     def averaged_network(self) -> nn.Module:
         return self.network

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from ..diffusion.schedules import NoiseSchedule
@@ -48,6 +49,9 @@ class DiffusersUNetDenoiser(Denoiser):
         self.unet = build_unet(unet_class, config, pretrained_path, subfolder)
         self.unet_class, self.preconditioning = unet_class, preconditioning
         self.sigma_data, self.boundary_condition = sigma_data, boundary_condition
+        # class-conditional UNets embed num_classes + 1 labels; the last one is the null label for guidance
+        embeds = getattr(self.unet.config, "num_class_embeds", None)
+        self.num_classes = embeds - 1 if unet_class == "UNet2DModel" and embeds else 0
 
     @property
     def data_shape(self):
@@ -61,6 +65,8 @@ class DiffusersUNetDenoiser(Denoiser):
     def _call_unet(self, x: Tensor, time_input: Tensor, cond: Tensor | None) -> Tensor:
         if self.unet_class == "UNet2DConditionModel":
             return self.unet(x, time_input, encoder_hidden_states=cond).sample
+        if cond is None and self.num_classes:
+            cond = torch.full((x.shape[0],), self.num_classes, device=x.device)
         return self.unet(x, time_input, class_labels=None if cond is None else cond.long()).sample
 
     def predict(self, x_t, t, cond):
