@@ -1,5 +1,6 @@
 """Callbacks: EMA of the student, two time-scale updates, sample pictures and ground-truth metrics."""
 from .ema import StudentEMA
+from .fid import FIDCallback
 from .ground_truth import GroundTruthMetrics
 from .samples import SampleImages
 from .ttur import TwoTimeScaleUpdate
