@@ -14,38 +14,31 @@ from __future__ import annotations
 
 import torch
 
-from ..base import DistillationModule
 from ..diffusion.time_samplers import KarrasRampTime, TimeSampler
-from ..losses import (denoising_score_matching, dmd_gradient, dsm_weight, non_saturating_gan_discriminator,
-                      non_saturating_gan_generator, surrogate_for_gradient)
+from ..losses import (dmd_gradient, non_saturating_gan_discriminator, non_saturating_gan_generator,
+                      surrogate_for_gradient)
 from ..networks.denoiser import FeatureTap
+from .score_distillation import ScoreDistillationModule
 
 
-class DMD2(DistillationModule):
-    uses_critic = True
-
+class DMD2(ScoreDistillationModule):
     def __init__(self, *args, generator_time_sampler: TimeSampler | None = None,
-                 critic_time_sampler: TimeSampler | None = None, critic_weighting: str = "edm",
                  gan_generator_weight: float = 0.0, gan_critic_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.generator_time_sampler = generator_time_sampler or KarrasRampTime(0.02, 0.98)
-        self.critic_time_sampler = critic_time_sampler or KarrasRampTime(0.02, 0.98)
-        self.critic_weighting = critic_weighting
-        dsm_weight(self.schedule, torch.ones(1), critic_weighting)  # fail early on an unknown weighting
         self.gan_generator_weight, self.gan_critic_weight = gan_generator_weight, gan_critic_weight
         uses_gan = gan_generator_weight > 0 or gan_critic_weight > 0
         if uses_gan and self.discriminator is None:
             raise ValueError(f"gan weights ({gan_generator_weight}, {gan_critic_weight}) need a discriminator head")
         self.needs_real_data = gan_critic_weight > 0
 
-    def _noised(self, x0, sampler):
-        t = self.sample_times(sampler, x0.shape[0])
-        return self.schedule.add_noise(x0, self.noise_like(x0), t), t
+    def default_critic_time_sampler(self):
+        return KarrasRampTime(0.02, 0.98)
 
     def generator_loss(self, batch):
         cond = batch.get("cond")
         x_g = self.generator_training_sample(batch)
-        x_t, t = self._noised(x_g.detach(), self.generator_time_sampler)
+        x_t, t = self.noised(x_g, self.generator_time_sampler)
         with torch.no_grad():
             x0_real = self.teacher_x0(x_t, t, cond)
             x0_fake = self.critic(x_t, t, cond)
@@ -65,34 +58,16 @@ class DMD2(DistillationModule):
         return losses
 
     def critic_loss(self, batch):
+        if self.gan_critic_weight <= 0:
+            return super().critic_loss(batch)
         cond = batch.get("cond")
         with torch.no_grad():
             x_g = self.generator_training_sample(batch)
-        x_t, t = self._noised(x_g, self.critic_time_sampler)
-        weight = dsm_weight(self.schedule, t, self.critic_weighting)
-        use_gan = self.gan_critic_weight > 0
-        with FeatureTap(self.critic) if use_gan else _NoTap() as tap:
-            denoising = denoising_score_matching(self.critic(x_t, t, cond), x_g, weight).mean()
-            fake_features = tap.features
-        losses = {"denoising": denoising}
-        loss = denoising
-        if use_gan:
-            real_t, t_real = self._noised(batch["real"], self.critic_time_sampler)
-            with FeatureTap(self.critic) as tap:
-                self.critic(real_t, t_real, batch.get("real_cond"))
-            gan = non_saturating_gan_discriminator(self.discriminator(tap.features),
-                                                   self.discriminator(fake_features)).mean()
-            losses["gan"] = gan
-            loss = loss + self.gan_critic_weight * gan
-        losses["loss"] = loss
-        return losses
-
-
-class _NoTap:
-    features = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        with FeatureTap(self.critic) as fake_tap:
+            denoising, _, _ = self.critic_denoising_loss(x_g, cond)
+        real_t, t_real = self.noised(batch["real"], self.critic_time_sampler)
+        with FeatureTap(self.critic) as real_tap:
+            self.critic(real_t, t_real, batch.get("real_cond"))
+        gan = non_saturating_gan_discriminator(self.discriminator(real_tap.features),
+                                               self.discriminator(fake_tap.features)).mean()
+        return {"denoising": denoising.mean(), "gan": gan, "loss": denoising.mean() + self.gan_critic_weight * gan}

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import DistillationModule
 from ..diffusion.time_samplers import KarrasRampTime, LogNormalTime, TimeSampler
-from ..losses import denoising_score_matching, dsm_weight, per_sample_sum
+from ..losses import per_sample_sum
+from .score_distillation import ScoreDistillationModule
 
 
 def sid_generator_loss(x_g, y_real, y_fake, alpha: float):
@@ -24,32 +24,21 @@ def sid_generator_loss(x_g, y_real, y_fake, alpha: float):
     return per_sample_sum((y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake))) / weight
 
 
-class SiD(DistillationModule):
-    uses_critic = True
-
-    def __init__(self, *args, alpha: float = 1.2, generator_time_sampler: TimeSampler | None = None,
-                 critic_time_sampler: TimeSampler | None = None, **kwargs):
+class SiD(ScoreDistillationModule):
+    def __init__(self, *args, alpha: float = 1.2, generator_time_sampler: TimeSampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
         self.generator_time_sampler = generator_time_sampler or KarrasRampTime(0.2, 1.0)
-        self.critic_time_sampler = critic_time_sampler or LogNormalTime(-1.2, 1.2)
+
+    def default_critic_time_sampler(self):
+        return LogNormalTime(-1.2, 1.2)
 
     def generator_loss(self, batch):
         cond = batch.get("cond")
         x_g = self.generator_training_sample(batch)
-        t = self.sample_times(self.generator_time_sampler, x_g.shape[0])
-        x_t = self.schedule.add_noise(x_g, self.noise_like(x_g), t)
+        x_t, t = self.noised(x_g, self.generator_time_sampler, with_gradient=True)
         y_real = self.teacher_x0(x_t, t, cond)
         y_fake = self.critic(x_t, t, cond)
         finite = torch.stack([v.flatten(1).isfinite().all(1) for v in (x_g, y_real, y_fake)]).all(0)
         per_sample = sid_generator_loss(x_g[finite], y_real[finite], y_fake[finite], self.alpha)
         return {"loss": per_sample.mean(), "finite_fraction": finite.float().mean()}
-
-    def critic_loss(self, batch):
-        cond = batch.get("cond")
-        with torch.no_grad():
-            x_g = self.generator_training_sample(batch)
-        t = self.sample_times(self.critic_time_sampler, x_g.shape[0])
-        x_t = self.schedule.add_noise(x_g, self.noise_like(x_g), t)
-        loss = denoising_score_matching(self.critic(x_t, t, cond), x_g, dsm_weight(self.schedule, t, "edm"))
-        return {"loss": loss.mean()}

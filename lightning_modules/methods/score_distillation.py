@@ -1,0 +1,46 @@
+"""The mechanism shared by the distribution-matching family (DMD, DMD2, Diff-Instruct, SiD, SIM, ...).
+
+A critic F (the "fake score") is trained by denoising score matching on the student's own samples,
+    L_F = lambda(t) ||F(alpha_t sg(x_g) + sigma_t eps, t) - sg(x_g)||^2,
+so that F tracks the score of the student's distribution, while the frozen teacher T gives the data score. The methods
+differ only in how they turn (T, F, x_g, x_t) into the generator's loss; that is all a subclass writes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..base import DistillationModule
+from ..diffusion.time_samplers import TimeSampler
+from ..losses import denoising_score_matching, dsm_weight
+
+
+class ScoreDistillationModule(DistillationModule):
+    uses_critic = True
+
+    def __init__(self, *args, critic_time_sampler: TimeSampler | None = None, critic_weighting: str = "edm",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.critic_time_sampler = critic_time_sampler or self.default_critic_time_sampler()
+        dsm_weight(self.schedule, torch.ones(1), critic_weighting)  # fail early on an unknown weighting
+        self.critic_weighting = critic_weighting
+
+    def default_critic_time_sampler(self) -> TimeSampler:
+        raise NotImplementedError
+
+    def noised(self, x0, sampler, with_gradient: bool = False):
+        """(x_t, t) with t from ``sampler``; the gradient path to x0 is kept only if asked for."""
+        t = self.sample_times(sampler, x0.shape[0])
+        source = x0 if with_gradient else x0.detach()
+        return self.schedule.add_noise(source, self.noise_like(x0), t), t
+
+    def critic_denoising_loss(self, x_g, cond):
+        """Per-sample DSM loss of the critic on the student's samples (and the noised input, for extra heads)."""
+        x_t, t = self.noised(x_g, self.critic_time_sampler)
+        weight = dsm_weight(self.schedule, t, self.critic_weighting)
+        return denoising_score_matching(self.critic(x_t, t, cond), x_g, weight), x_t, t
+
+    def critic_loss(self, batch):
+        with torch.no_grad():
+            x_g = self.generator_training_sample(batch)
+        loss, _, _ = self.critic_denoising_loss(x_g, batch.get("cond"))
+        return {"loss": loss.mean()}
