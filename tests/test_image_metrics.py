@@ -44,7 +44,9 @@ def classifier_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("inception-cache"))
-    return cache, fx.inception_weights_path(cache_dir=cache)
+    path = fx.inception_weights_path(cache_dir=cache)
+    yield cache, path
+    os.remove(path)  # 95 MB: do not leave it in pytest's kept temporary directories
 
 
 # ------------------------------------------------------------------------------------------------ MNIST classifier
@@ -286,3 +288,17 @@ def test_fid_callback_during_fit_every_n(classifier_cache):
     assert len(module.calls) == 2  # validations 1 and 3
     assert callback.state_dict() == {"validations": 3}
     assert "val/nfe1/fid" in module.trainer.callback_metrics
+
+
+def test_non_finite_samples(classifier_cache):
+    cache, _, _ = classifier_cache
+    images = torch.zeros(8, 1, 28, 28)
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        image_metrics(images, "key", torch.zeros(8, 1, 28, 28), cache_dir=cache)
+    datamodule = MNISTDataModule(batch_size=8, max_val_images=8)
+    callback = FIDCallback(num_samples=20, cache_dir=cache, verbose=True)
+    module = _FakeDistiller(images=torch.full((20, 1, 28, 28), float("nan")))
+    logged = _trainer(callback).validate(module, datamodule=datamodule, verbose=False)[0]
+    assert callback.last_metrics[1]["protocol"]["non_finite_samples"] == 20 * 28 * 28
+    assert torch.isnan(torch.tensor(logged["val/nfe1/fid"]))
