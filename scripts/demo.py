@@ -67,6 +67,7 @@ def main():
     extractors = ["mnist-classifier"] + ([] if args.no_inception else ["inception"])
     started = time.time()
 
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly below
     cli = cli_main(["-c", args.config, *args.overrides], run=False)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     fit_start = time.time()
@@ -79,33 +80,33 @@ def main():
     reference_key = f"mnist-test-{reference.shape[-2]}x{reference.shape[-1]}"
     noise, labels = fixed_inputs(args.num_samples, reference.shape[1:], datamodule.num_classes, args.seed)
     student, student_speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
-    teacher32, teacher32_speed = timed_samples(lambda z, c: module.sample_teacher(z, c, nfe=32), noise, labels)
     results = {"student": {"1": {"images_per_second": student_speed,
                                  **score(student, reference, reference_key, extractors)}}}
 
+    # The teacher is frozen and shipped: its sweep is measured once by `make teacher` with this same protocol
+    # (noise seed, labels, reference, extractors) and read from its card; without a matching card it is measured here.
     sweep = teacher_card_sweep(args, extractors)
     if sweep is not None:
         results["teacher"] = sweep["teacher"]
+        results["floor_train_vs_test"] = sweep.get("floor_train_vs_test")
         teacher_source = f"teacher card ({os.path.relpath(TEACHER_CARD, ROOT)}), same protocol"
     else:
         results["teacher"] = {}
-        for nfe in args.teacher_nfe:
-            samples, speed = (teacher32, teacher32_speed) if nfe == 32 else timed_samples(
-                lambda z, c, nfe=nfe: module.sample_teacher(z, c, nfe=nfe), noise, labels)
+        for nfe in sorted(set(args.teacher_nfe) | {32}):
+            samples, speed = timed_samples(lambda z, c, nfe=nfe: module.sample_teacher(z, c, nfe=nfe), noise, labels)
             results["teacher"][str(nfe)] = {"images_per_second": speed,
                                             **score(samples, reference, reference_key, extractors)}
         teacher_source = "measured in this run"
-    results["teacher_32_live"] = {"images_per_second": teacher32_speed,
-                                  **score(teacher32, reference, reference_key, extractors)}
 
-    side_by_side_grid(teacher32[:100], student[:100], os.path.join(args.out, "samples.png"))
+    grid_noise, grid_labels = noise[:100], None if labels is None else labels[:100]
+    teacher_grid = module.sample_teacher(grid_noise, grid_labels, nfe=32)
+    side_by_side_grid(teacher_grid, student[:100], os.path.join(args.out, "samples.png"))
     report = {"config": os.path.relpath(args.config, ROOT), "overrides": args.overrides,
               "protocol": {"num_samples": args.num_samples, "seed": args.seed, "labels": "uniform, n % 10",
                            "reference": f"first {args.num_samples} MNIST test images", "extractors": extractors,
                            "teacher_sweep_source": teacher_source, "teacher_sampler": "Heun (EDM Alg. 1)",
                            "student_sampler": "one step"},
-              "training": {"seconds": fit_seconds, "optimizer_steps": trainer.global_step,
-                           "generator_updates": getattr(module, "generator_updates", None)},
+              "training": {"seconds": fit_seconds, "optimizer_steps": trainer.global_step},
               "results": results, "total_seconds": time.time() - started}
     write_json_atomic(os.path.join(args.out, "report.json"), report)
     write_text_atomic(os.path.join(args.out, "report.md"), markdown(report, extractors))
@@ -131,9 +132,12 @@ def markdown(report, extractors) -> str:
     lines.append(row("**student (DMD2)**", 1, results["student"]["1"]))
     for nfe, entry in sorted(results["teacher"].items(), key=lambda kv: int(kv[0])):
         lines.append(row("teacher (Heun)", nfe, entry))
-    lines.append(row("teacher (Heun, this run)", 32, results["teacher_32_live"]))
+    floor = results.get("floor_train_vs_test")
+    if floor:
+        lines.append(f"| floor: {report['protocol']['num_samples']} train vs test images | - | " + " | ".join(f"{floor[e]['fid']:.2f}" for e in extractors)
+                     + " | - | - | - |")
     student = results["student"]["1"]
-    teacher32 = results["teacher_32_live"]
+    teacher32 = results["teacher"]["32"]
     lines += ["", "Student / teacher-at-32-steps FID ratio: " + ", ".join(
         f"{e}: {student[e]['fid'] / teacher32[e]['fid']:.2f}" for e in extractors), "",
         "![teacher at 32 steps (left) and student at 1 step (right), same noise and labels](samples.png)", "",
