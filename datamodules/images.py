@@ -10,13 +10,14 @@ Splits are deterministic: fixed files for packaged datasets, a seeded permutatio
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import pickle
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_modules.packaged import packaged_file
 
 SPLITS = ("train", "val", "test")
 
@@ -93,17 +94,6 @@ class ImageDataModule(LightningDataModule):
     def val_dataloader(self):
         return DataLoader(self.dataset(self.val_split, seed_offset=10_000, limit=self.max_val_images),
                           batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-
-def packaged_file(package: str, relative: str, install_hint: str) -> str:
-    """Path of a data file shipped inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; {install_hint}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; {install_hint}")
-    return path
 
 
 class MNISTDataModule(ImageDataModule):

