@@ -203,3 +203,30 @@ class _NoFeatures(ToyMLPDenoiser):
 
     def feature_module(self):
         return None
+
+
+def test_unet2d_condition_adapter_takes_encoder_states_and_converts_spaces():
+    """UNet2DConditionModel behind the Denoiser contract: cond is the encoder hidden states; epsilon -> x0 follows
+    x0 = (x_t - sigma eps) / alpha on the VP-discrete schedule."""
+    import torch
+    from lightning_modules.diffusion import VPDiscreteSchedule
+    from lightning_modules.networks import DiffusersUNetDenoiser
+
+    torch.manual_seed(0)
+    config = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                  norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    schedule = VPDiscreteSchedule()
+    net = DiffusersUNetDenoiser(config=config, unet_class="UNet2DConditionModel", prediction_type="epsilon",
+                                schedule=schedule)
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0])
+    states = torch.randn(2, 3, 12)
+    eps = net(x_t, t, states, prediction="epsilon")
+    assert torch.equal(eps, net.unet(x_t, t, encoder_hidden_states=states).sample)
+    alpha, sigma = schedule.alpha_sigma(t)
+    x0 = net(x_t, t, states, prediction="x0")
+    expected = (x_t.double() - sigma[:, None, None, None] * eps.double()) / alpha[:, None, None, None]
+    assert torch.allclose(x0.double(), expected, atol=1e-5)
+    assert not torch.allclose(eps, net(x_t, t, torch.randn(2, 3, 12), prediction="epsilon"))
+    assert net.data_shape == (1, 8, 8) and net.num_classes == 0
