@@ -136,6 +136,10 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
             raise ValueError(f"student times must be strictly decreasing, got {times.tolist()}")
         return times
 
+    def on_train_start(self) -> None:
+        # Lightning keeps each submodule's mode; the student and critic were copied from the eval-mode teacher
+        self.train()
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the frozen teacher never runs in training mode (dropout, batch statistics)
