@@ -89,7 +89,8 @@ def main():
     if sweep is not None:
         results["teacher"] = sweep["teacher"]
         results["floor_train_vs_test"] = sweep.get("floor_train_vs_test")
-        teacher_source = f"teacher card ({os.path.relpath(TEACHER_CARD, ROOT)}), same protocol"
+        teacher_source = (f"teacher card ({os.path.relpath(TEACHER_CARD, ROOT)}), same protocol; its images/s were "
+                          "measured there on 1 CPU thread")
     else:
         results["teacher"] = {}
         for nfe in sorted(set(args.teacher_nfe) | {32}):
