@@ -62,7 +62,7 @@ class ImageDataModule(LightningDataModule):
 
     # subclasses -----------------------------------------------------------------------------------------------
     def load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_split(split) -> (images, labels)")
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -229,7 +229,7 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
     # ------------------------------------------------------------------ the two losses a method provides
     def generator_loss(self, batch: dict) -> dict[str, Tensor]:
         """Return {"loss": scalar, ...logged extras}."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement generator_loss(batch) -> {{'loss': ...}}")
 
     def critic_loss(self, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} trains no critic")

@@ -68,13 +68,16 @@ def test_noisy_log_density_matches_torch_distributions(law_name, schedule_name):
     torch.testing.assert_close(law.log_prob(x_t), clean.log_prob(x_t), rtol=1e-12, atol=1e-10)
 
 
+def teacher_and_noisy_batch(law_name, schedule_name, seed):
+    law, schedule = LAWS[law_name](), SCHEDULES[schedule_name]()
+    return law, GaussianMixtureTeacher(law, schedule), noisy_batch(law, schedule, TIMES[schedule_name], seed=seed)
+
+
 @pytest.mark.parametrize("law_name", list(LAWS))
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 def test_teacher_score_is_autograd_of_independent_density(law_name, schedule_name):
     """Teacher's score prediction == grad_x log p_t(x) of the independent MixtureSameFamily (1e-8 relative)."""
-    law, schedule = LAWS[law_name](), SCHEDULES[schedule_name]()
-    teacher = GaussianMixtureTeacher(law, schedule)
-    x_t, t, alpha, sigma = noisy_batch(law, schedule, TIMES[schedule_name], seed=1)
+    law, teacher, (x_t, t, alpha, sigma) = teacher_and_noisy_batch(law_name, schedule_name, seed=1)
     expected = independent_score(law.weights, law.means, law.covariances, x_t, alpha, sigma)
     score = teacher(x_t, t, prediction="score")
     assert score.dtype == F64
@@ -85,9 +88,7 @@ def test_teacher_score_is_autograd_of_independent_density(law_name, schedule_nam
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 def test_tweedie_posterior_mean(law_name, schedule_name):
     """Tweedie: E[x0 | x_t] == (x_t + sigma^2 grad log p_t(x_t)) / alpha (float64, 1e-10)."""
-    law, schedule = LAWS[law_name](), SCHEDULES[schedule_name]()
-    teacher = GaussianMixtureTeacher(law, schedule)
-    x_t, t, alpha, sigma = noisy_batch(law, schedule, TIMES[schedule_name], seed=2)
+    law, teacher, (x_t, t, alpha, sigma) = teacher_and_noisy_batch(law_name, schedule_name, seed=2)
     grad = independent_score(law.weights, law.means, law.covariances, x_t, alpha, sigma)
     tweedie = (x_t + sigma[:, None] ** 2 * grad) / alpha[:, None]
     torch.testing.assert_close(teacher(x_t, t), tweedie, rtol=0, atol=1e-10)

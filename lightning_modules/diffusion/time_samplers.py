@@ -15,7 +15,7 @@ from .schedules import NoiseSchedule, karras_sigmas
 class TimeSampler:
     def __call__(self, n: int, schedule: NoiseSchedule, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(n, schedule, generator, device)")
 
     @staticmethod
     def _clamp(t: Tensor, schedule: NoiseSchedule) -> Tensor:

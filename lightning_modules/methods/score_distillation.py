@@ -25,7 +25,9 @@ class ScoreDistillationModule(DistillationModule):
         self.critic_weighting = critic_weighting
 
     def default_critic_time_sampler(self) -> TimeSampler:
-        raise NotImplementedError
+        """The critic's noise-level distribution when the config gives none (each paper has its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define default_critic_time_sampler() or be given "
+                                  "critic_time_sampler")
 
     def noised(self, x0, sampler, with_gradient: bool = False):
         """(x_t, t) with t from ``sampler``; the gradient path to x0 is kept only if asked for."""
