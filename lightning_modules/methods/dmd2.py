@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.time_samplers import KarrasRampTime, TimeSampler
-from ..losses import (dmd_gradient, non_saturating_gan_discriminator, non_saturating_gan_generator,
-                      surrogate_for_gradient)
-from ..networks.denoiser import FeatureTap
+from ..losses import dmd_gradient, non_saturating_gan_generator, surrogate_for_gradient
 from .score_distillation import ScoreDistillationModule
 
 
@@ -49,9 +47,7 @@ class DMD2(ScoreDistillationModule):
         if self.gan_generator_weight > 0:
             # Re-noise WITH the gradient path to x_g; the critic's weights are frozen by the optimizer toggle.
             x_t_grad = self.schedule.add_noise(x_g, self.noise_like(x_g), t)
-            with FeatureTap(self.critic) as tap:
-                self.critic(x_t_grad, t, cond)
-            gan = non_saturating_gan_generator(self.discriminator(tap.features)).mean()
+            gan = non_saturating_gan_generator(self.discriminator_logits(x_t_grad, t, cond)).mean()
             losses["gan"] = gan
             loss = loss + self.gan_generator_weight * gan
         losses["loss"] = loss
@@ -60,14 +56,4 @@ class DMD2(ScoreDistillationModule):
     def critic_loss(self, batch):
         if self.gan_critic_weight <= 0:
             return super().critic_loss(batch)
-        cond = batch.get("cond")
-        with torch.no_grad():
-            x_g = self.generator_training_sample(batch)
-        with FeatureTap(self.critic) as fake_tap:
-            denoising, _, _ = self.critic_denoising_loss(x_g, cond)
-        real_t, t_real = self.noised(batch["real"], self.critic_time_sampler)
-        with FeatureTap(self.critic) as real_tap:
-            self.critic(real_t, t_real, batch.get("real_cond"))
-        gan = non_saturating_gan_discriminator(self.discriminator(real_tap.features),
-                                               self.discriminator(fake_tap.features)).mean()
-        return {"denoising": denoising.mean(), "gan": gan, "loss": denoising.mean() + self.gan_critic_weight * gan}
+        return self.critic_loss_with_discriminator(batch, self.gan_critic_weight)

@@ -11,7 +11,8 @@ import torch
 
 from ..base import DistillationModule
 from ..diffusion.time_samplers import TimeSampler
-from ..losses import denoising_score_matching, dsm_weight
+from ..losses import denoising_score_matching, dsm_weight, non_saturating_gan_discriminator
+from ..networks.denoiser import FeatureTap
 
 
 class ScoreDistillationModule(DistillationModule):
@@ -46,3 +47,27 @@ class ScoreDistillationModule(DistillationModule):
             x_g = self.generator_training_sample(batch)
         loss, _, _ = self.critic_denoising_loss(x_g, batch.get("cond"))
         return {"loss": loss.mean()}
+
+    # ------------------------------------------------------------------ a discriminator on the critic's encoder
+    # DMD2 (Sec. 4.3), SiDA, f-distill and Uni-Instruct put a classifier head on the critic's bottleneck, trained on
+    # re-noised real versus generated samples; its logit estimates log p_real,t(x_t) / p_student,t(x_t).
+    def discriminator_logits(self, x_t, t, cond):
+        """Logits of the discriminator head on the critic's bottleneck features at (x_t, t)."""
+        if self.discriminator is None:
+            raise ValueError(f"{type(self).__name__} needs a discriminator head (model.init_args.discriminator)")
+        with FeatureTap(self.critic) as tap:
+            self.critic(x_t, t, cond)
+        return self.discriminator(tap.features)
+
+    def critic_loss_with_discriminator(self, batch, discriminator_weight: float):
+        """Critic DSM on sg(x_g) + weight * non-saturating GAN loss of the head, real (batch["real"]) vs generated,
+        both re-noised with the critic's time sampler; one critic pass per side serves both terms on the fake side."""
+        cond = batch.get("cond")
+        with torch.no_grad():
+            x_g = self.generator_training_sample(batch)
+        with FeatureTap(self.critic) as fake_tap:
+            denoising, _, _ = self.critic_denoising_loss(x_g, cond)
+        real_t, t_real = self.noised(batch["real"], self.critic_time_sampler)
+        real_logits = self.discriminator_logits(real_t, t_real, batch.get("real_cond"))
+        gan = non_saturating_gan_discriminator(real_logits, self.discriminator(fake_tap.features)).mean()
+        return {"denoising": denoising.mean(), "gan": gan, "loss": denoising.mean() + discriminator_weight * gan}
