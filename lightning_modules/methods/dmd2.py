@@ -33,6 +33,11 @@ class DMD2(ScoreDistillationModule):
     def default_critic_time_sampler(self):
         return KarrasRampTime(0.02, 0.98)
 
+    def matching_gradient(self, x_g, x0_real, x0_fake, x_t, t, cond):
+        """The per-sample direction g the generator descends (Eq. 2). Family members that only re-weight it
+        (Diff-Instruct, f-distill, ...) override this one hook."""
+        return dmd_gradient(x_g, x0_real, x0_fake)
+
     def generator_loss(self, batch):
         cond = batch.get("cond")
         x_g = self.generator_training_sample(batch)
@@ -40,7 +45,7 @@ class DMD2(ScoreDistillationModule):
         with torch.no_grad():
             x0_real = self.teacher_x0(x_t, t, cond)
             x0_fake = self.critic(x_t, t, cond)
-        gradient = dmd_gradient(x_g.detach(), x0_real, x0_fake)
+        gradient = self.matching_gradient(x_g.detach(), x0_real, x0_fake, x_t, t, cond)
         distribution_matching = surrogate_for_gradient(x_g, gradient).mean()
         losses = {"distribution_matching": distribution_matching}
         loss = distribution_matching
