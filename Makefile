@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all demo demo-toy teacher classifier bench bench-toy tensorboard clean
+.PHONY: install test test-all demo demo-toy teacher classifier bench bench-toy bench-mnist tensorboard clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,11 @@ classifier: $(STAMP)
 bench-toy: $(STAMP)
 	$(PY) benchmarks/toy.py --output bench-results $(BENCH_ARGS)
 
-bench: bench-toy
+## every method's MNIST config at the same budget of generator updates -> bench-results/mnist.{json,md}
+bench-mnist: $(STAMP)
+	$(PY) benchmarks/image_methods.py --output bench-results $(BENCH_ARGS)
+
+bench: bench-toy bench-mnist
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir lightning_logs --host 127.0.0.1 --port 6006

@@ -25,7 +25,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DATASETS = ["ring8", "grid25", "aniso", "digits64"]
-METHODS = ["dmd2", "sid", "cd"]
+
+
+def discover_methods(datasets) -> list[str]:
+    """Every experiments/toy/<dataset>/<method>.yaml (teacher.yaml excluded): a config file is a benchmark row."""
+    names = set()
+    for dataset in datasets:
+        folder = os.path.join(ROOT, "experiments", "toy", dataset)
+        names |= {f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and f != "teacher.yaml"}
+    return sorted(names)
+
+
+METHODS = discover_methods(DATASETS)
 NFES = [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -189,7 +200,8 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     scratch = os.path.join(args.output, "runs")
     os.makedirs(scratch, exist_ok=True)
-    jobs = [(d, m) for d in args.datasets for m in args.methods]
+    jobs = [(d, m) for d in args.datasets for m in args.methods
+            if m == "teacher" or os.path.isfile(os.path.join(ROOT, "experiments", "toy", d, f"{m}.yaml"))]
     print(f"toy benchmark: {len(jobs)} runs, {args.jobs} at a time", flush=True)
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:

