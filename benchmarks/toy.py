@@ -188,6 +188,8 @@ def main():
     parser.add_argument("--num-samples", type=int, default=10000)
     parser.add_argument("--num-floor-sets", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other (dataset, method) records of an existing toy.json and replace only these")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -209,6 +211,16 @@ def main():
     rows = [row for result in results for row in result]
     protocol = {"num_samples": args.num_samples, "num_floor_sets": args.num_floor_sets, "scale": args.scale,
                 "nfe": args.nfe, "seed": 4321, "total_seconds": time.time() - start}
+    previous_path = os.path.join(args.output, "toy.json")
+    if args.merge and os.path.isfile(previous_path):
+        with open(previous_path) as handle:
+            previous = json.load(handle)
+        rerun = {(r["dataset"], r["method"]) for r in rows}
+        kept = [r for r in previous["records"] if (r["dataset"], r["method"]) not in rerun]
+        for r in rows:  # each record names the protocol it was measured with
+            r.update(protocol_num_samples=args.num_samples, protocol_scale=args.scale)
+        rows = sorted(kept + rows, key=lambda r: (DATASETS.index(r["dataset"]), r["method"], r["nfe"]))
+        protocol = {**previous["protocol"], "merged": previous["protocol"].get("merged", []) + [protocol]}
     tmp_json = os.path.join(args.output, "toy.json.tmp")
     with open(tmp_json, "w") as handle:
         json.dump({"protocol": protocol, "records": rows}, handle, indent=1)
