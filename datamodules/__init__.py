@@ -3,3 +3,4 @@ from .noise import NoiseBatches, NoiseDataModule
 from .toy import ToyMixtureDataModule
 from .images import ImageDataModule, LabelledImages, MNISTDataModule
 from .image_sources import DigitsDataModule, ImageFolderDataModule
+from .pairs import MNISTPairsDataModule, ToyMixturePairsDataModule

@@ -1,6 +1,10 @@
 """Distillation methods: each file is one paper's algorithm box on the shared DistillationModule."""
 from .consistency import ConsistencyDistillation
+from .diff_instruct import DiffInstruct
+from .disback import DisBack
+from .dmd import DMD
 from .dmd2 import DMD2
 from .sid import SiD
 
-METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation}
+METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
+           "disback": DisBack}

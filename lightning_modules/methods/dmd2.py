@@ -23,7 +23,7 @@ class DMD2(ScoreDistillationModule):
     def __init__(self, *args, generator_time_sampler: TimeSampler | None = None,
                  gan_generator_weight: float = 0.0, gan_critic_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.generator_time_sampler = generator_time_sampler or KarrasRampTime(0.02, 0.98)
+        self.generator_time_sampler = generator_time_sampler or self.default_generator_time_sampler()
         self.gan_generator_weight, self.gan_critic_weight = gan_generator_weight, gan_critic_weight
         uses_gan = gan_generator_weight > 0 or gan_critic_weight > 0
         if uses_gan and self.discriminator is None:
@@ -32,6 +32,14 @@ class DMD2(ScoreDistillationModule):
 
     def default_critic_time_sampler(self):
         return KarrasRampTime(0.02, 0.98)
+
+    def default_generator_time_sampler(self) -> TimeSampler:
+        """The generator's noise levels when the config gives none: t ~ U[0.02 T, 0.98 T] on the Karras ramp."""
+        return KarrasRampTime(0.02, 0.98)
+
+    def fake_x0(self, x_t, t, cond):
+        """The critic's x0 estimate D_fake(x_t) seen by the generator step (called without gradient)."""
+        return self.critic(x_t, t, cond)
 
     def matching_gradient(self, x_g, x0_real, x0_fake, x_t, t, cond):
         """The per-sample direction g the generator descends (Eq. 2). Family members that only re-weight it
@@ -44,7 +52,7 @@ class DMD2(ScoreDistillationModule):
         x_t, t = self.noised(x_g, self.generator_time_sampler)
         with torch.no_grad():
             x0_real = self.teacher_x0(x_t, t, cond)
-            x0_fake = self.critic(x_t, t, cond)
+            x0_fake = self.fake_x0(x_t, t, cond)
         gradient = self.matching_gradient(x_g.detach(), x0_real, x0_fake, x_t, t, cond)
         distribution_matching = surrogate_for_gradient(x_g, gradient).mean()
         losses = {"distribution_matching": distribution_matching}
