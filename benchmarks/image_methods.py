@@ -215,6 +215,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
     parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other methods' records of an existing mnist.json and replace only these")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
@@ -237,6 +239,16 @@ def main():
     protocol = {"generator_updates": args.generator_updates, "num_samples": args.num_samples, "seed": args.seed,
                 "seed_eval": args.seed_eval, "extractor": EXTRACTOR, "total_seconds": time.time() - start}
     from lightning_modules.evaluation.image_report import write_json_atomic, write_text_atomic
+    previous_path = os.path.join(args.output, "mnist.json")
+    if args.merge and os.path.isfile(previous_path):
+        with open(previous_path) as handle:
+            previous = json.load(handle)
+        if previous["protocol"]["generator_updates"] != args.generator_updates:
+            parser.error(f"--merge needs the same --generator-updates as {previous_path} "
+                         f"({previous['protocol']['generator_updates']}), got {args.generator_updates}")
+        rerun = set(args.methods)
+        records = sorted([r for r in previous["records"] if r["method"] not in rerun] + records,
+                         key=lambda r: r["method"])
     write_json_atomic(os.path.join(args.output, "mnist.json"), {"protocol": protocol, "records": records})
     text = markdown(records, protocol)
     write_text_atomic(os.path.join(args.output, "mnist.md"), text)

@@ -5,6 +5,8 @@ from .disback import DisBack
 from .dmd import DMD
 from .dmd2 import DMD2
 from .sid import SiD
+from .sida import SiDA
+from .sim import SIM
 
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
-           "disback": DisBack}
+           "disback": DisBack, "sim": SIM, "sida": SiDA}

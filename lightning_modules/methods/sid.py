@@ -18,9 +18,14 @@ from ..losses import per_sample_sum
 from .score_distillation import ScoreDistillationModule
 
 
+def sid_normalizer(x_g, y_real):
+    """SiD's per-sample loss normaliser sg(mean_CHW |x_g - y_r|), clamped >= 1e-5 (shared by SIM and SiDA)."""
+    return (x_g - y_real).detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+
+
 def sid_generator_loss(x_g, y_real, y_fake, alpha: float):
     """Per-sample SiD loss (Eq. 23): sum (y_r - y_f) . ((y_r - x_g) - alpha (y_r - y_f)) / sg(mean |x_g - y_r|)."""
-    weight = (x_g - y_real).detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+    weight = sid_normalizer(x_g, y_real)
     return per_sample_sum((y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake))) / weight
 
 
@@ -33,12 +38,22 @@ class SiD(ScoreDistillationModule):
     def default_critic_time_sampler(self):
         return LogNormalTime(-1.2, 1.2)
 
-    def generator_loss(self, batch):
+    def generator_denoised(self, batch):
+        """(x_g, y_real, y_fake, finite): x_g = G(z); x_t = alpha x_g + sigma n with the gradient path to x_g;
+        y_real = T(x_t), y_fake = F(x_t); ``finite`` marks the samples whose x_g, y_real and y_fake are finite."""
         cond = batch.get("cond")
         x_g = self.generator_training_sample(batch)
         x_t, t = self.noised(x_g, self.generator_time_sampler, with_gradient=True)
         y_real = self.teacher_x0(x_t, t, cond)
         y_fake = self.critic(x_t, t, cond)
         finite = torch.stack([v.flatten(1).isfinite().all(1) for v in (x_g, y_real, y_fake)]).all(0)
-        per_sample = sid_generator_loss(x_g[finite], y_real[finite], y_fake[finite], self.alpha)
+        return x_g, y_real, y_fake, finite
+
+    def per_sample_generator_loss(self, x_g, y_real, y_fake):
+        """Eq. 23 per sample. Members of the family that only change this formula (SIM) override this one hook."""
+        return sid_generator_loss(x_g, y_real, y_fake, self.alpha)
+
+    def generator_loss(self, batch):
+        x_g, y_real, y_fake, finite = self.generator_denoised(batch)
+        per_sample = self.per_sample_generator_loss(x_g[finite], y_real[finite], y_fake[finite])
         return {"loss": per_sample.mean(), "finite_fraction": finite.float().mean()}
