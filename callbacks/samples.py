@@ -48,6 +48,8 @@ class SampleImages(Callback):
         count = self.num_samples if is_points else self.num_images
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn((count, *shape), generator=generator).to(pl_module.device)
-        samples = pl_module.sample(noise, None, self.nfe)
+        classes = int(getattr(pl_module.student, "num_classes", 0) or 0)  # class-conditional: labels n % classes
+        labels = (torch.arange(count) % classes).to(pl_module.device) if classes else None
+        samples = pl_module.sample(noise, labels, self.nfe)
         for logger in loggers:
             logger.experiment.add_image("samples/student", render(samples), trainer.global_step)

@@ -63,7 +63,12 @@ def export(args: list[str]) -> DistillCLI:
     known, overrides = parser.parse_known_args(args)
     cli = _build([arg for path in known.config for arg in ("-c", path)] + overrides, run=False)
     load_checkpoint_for_export(cli.model, known.ckpt_path, use_ema=known.use_ema)
-    folder = export_student(cli.model, known.export_dir, use_ema=known.use_ema, overwrite=known.overwrite)
+    from lightning_modules.networks.routing import ConditionRoutedStudents
+    if isinstance(cli.model.student, ConditionRoutedStudents):  # MSD: one diffusers folder per student + routing
+        from lightning_modules.methods.msd import export_msd_students
+        folder = export_msd_students(cli.model, known.export_dir, use_ema=known.use_ema, overwrite=known.overwrite)
+    else:
+        folder = export_student(cli.model, known.export_dir, use_ema=known.use_ema, overwrite=known.overwrite)
     print(f"exported {type(cli.model).__name__} student to {folder}")
     return cli
 

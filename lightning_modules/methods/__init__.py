@@ -4,9 +4,12 @@ from .diff_instruct import DiffInstruct
 from .disback import DisBack
 from .dmd import DMD
 from .dmd2 import DMD2
+from .msd import MSD
+from .sfd import SFD
 from .sid import SiD
 from .sida import SiDA
 from .sim import SIM
 
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
-           "disback": DisBack, "sim": SIM, "sida": SiDA}
+           "disback": DisBack, "sim": SIM, "sida": SiDA,
+           "msd": MSD, "sfd": SFD}

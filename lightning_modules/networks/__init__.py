@@ -7,3 +7,4 @@ from .preconditioning import edm_coefficients, edm_precondition
 from .toy_laws import TOY_LAWS, get_toy_law
 from .discriminator import DiscriminatorHead
 from .denoiser import FeatureTap
+from .routing import ConditionRoutedStudents
