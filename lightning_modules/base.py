@@ -149,7 +149,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
     def teacher_x0(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance_scale: Tensor | float | None = None) -> Tensor:
         """The teacher's x0 estimate, with classifier-free guidance on the teacher only (DMD2 Sec. 4.2)."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        null = None if cond is None else torch.full_like(cond, self._null_label())
+        guided = cond is not None and (torch.is_tensor(scale) or scale != 1.0)
+        null = torch.full_like(cond, self._null_label()) if guided else None  # text-conditioned teachers: no labels
         return classifier_free_guidance(self.teacher, x_t, t, cond, null, scale)
 
     def _null_label(self) -> int:

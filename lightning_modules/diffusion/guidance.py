@@ -1,7 +1,7 @@
 """Classifier-free guidance (Ho & Salimans 2022, Eq. 6), in x0 space: D_w = D_u + w (D_c - D_u).
 
 w = 1 is the conditional model alone (diffusers' ``guidance_scale`` convention). Per DMD2 (Yin et al. 2024, Sec. 4.2)
-guidance is applied to the teacher only; the critic always runs at w = 1.
+guidance is applied to the teacher only and the critic runs at w = 1; VSD/SwiftBrush and SNOOPI guide both.
 """
 from __future__ import annotations
 

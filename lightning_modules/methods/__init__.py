@@ -9,7 +9,9 @@ from .sfd import SFD
 from .sid import SiD
 from .sida import SiDA
 from .sim import SIM
+from .snoopi import SNOOPI
+from .vsd import VSD
 
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
            "disback": DisBack, "sim": SIM, "sida": SiDA,
-           "msd": MSD, "sfd": SFD}
+           "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI}

@@ -8,3 +8,4 @@ from .toy_laws import TOY_LAWS, get_toy_law
 from .discriminator import DiscriminatorHead
 from .denoiser import FeatureTap
 from .routing import ConditionRoutedStudents
+from .lora import LoRACritic
