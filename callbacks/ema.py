@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import Callback
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_modules.strategies import full_parameters
+
 
 class StudentEMA(Callback):
     def __init__(self, decay: float = 0.999, start_step: int = 0, evaluate_with_ema: bool = True):
@@ -39,13 +41,15 @@ class StudentEMA(Callback):
         # after the warm start and any checkpoint restore: start from the student unless the average was restored
         self._ensure(pl_module)
         if int(self.average.n_averaged) == 0:
-            self.average.module.load_state_dict(pl_module.averaged_network().state_dict())
+            with full_parameters(pl_module.averaged_network()) as network:  # gathered if FSDP shards it
+                self.average.module.load_state_dict(network.state_dict())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if getattr(pl_module, "generator_stepped", True):
             self.generator_updates += 1
             if self.generator_updates > self.start_step:
-                self.average.update_parameters(pl_module.averaged_network())
+                with full_parameters(pl_module.averaged_network()) as network:
+                    self.average.update_parameters(network)
 
     def state_dict(self):
         return {"generator_updates": self.generator_updates,

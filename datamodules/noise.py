@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from .resumable import ResumableDataLoader
+
 
 class NoiseBatches(Dataset):
     """Map-style dataset whose item ``i`` is a whole batch {"noise", "cond"} drawn from generator seed (seed, i)."""
@@ -62,13 +64,15 @@ class NoiseDataModule(LightningDataModule):
         return NoiseBatches(self.shape, self.batch_size, num_batches, self.num_classes, self.class_weights, seed,
                             self._extra())
 
-    def _loader(self, dataset, shuffle: bool):
+    def _loader(self, dataset, shuffle: bool, resumable: bool = False):
         # batch_size=None: each item already is a batch
-        return DataLoader(dataset, batch_size=None, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        kwargs = {"progress_source": self} if resumable else {}  # mid-epoch resume at the exact batch
+        return (ResumableDataLoader if resumable else DataLoader)(
+            dataset, batch_size=None, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self):
-        return self._loader(self._dataset(self.batches_per_epoch, self.seed), shuffle=False)
+        return self._loader(self._dataset(self.batches_per_epoch, self.seed), shuffle=False, resumable=True)
 
     def val_dataloader(self):
         # a fixed validation stream, independent of the training seed

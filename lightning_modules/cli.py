@@ -4,6 +4,7 @@
     distill validate -c experiments/toy/ring8/dmd2.yaml --ckpt_path PATH
     distill fit -c CONFIG --print_config
     distill export -c CONFIG --ckpt_path PATH --export_dir DIR [--use_ema true] [--overwrite false]
+    distill sweep SWEEP.yaml [--dry-run | --wait | --cluster local]      (Slurm job array, see experiments/slurm)
     distill pairs -c CONFIG --num-pairs N [--nfe 32 --sampler heun --seed 0 --output PATH]   (teacher ODE pairs)
 
 ``export`` builds the model from the config (later ``--model...`` style overrides pass through), loads the checkpoint
@@ -78,6 +79,10 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillCLI | None:
     ``sys.exit(main())`` exits with status 0 after a successful run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["sweep"]:
+        from lightning_modules.sweep import main as sweep_main
+        sweep_main(argv[1:])
+        return None
     if argv[:1] == ["pairs"]:
         from lightning_modules.trajectory_pairs import main as pairs_main
         pairs_main(argv[1:])
