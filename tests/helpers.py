@@ -57,3 +57,20 @@ def fix_randomness(module, times, noises):
     times, noises = list(times), list(noises)
     module.sample_times = lambda sampler, n: times.pop(0)
     module.noise_like = lambda x: noises.pop(0).to(x.dtype)
+
+
+def state_difference(a, b, path="") -> float:
+    """Largest float difference between two nested checkpoint-like structures (non-floats must be equal)."""
+    if isinstance(a, torch.Tensor):
+        if a.dtype.is_floating_point:
+            return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        assert torch.equal(a, b), path
+        return 0.0
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
+        return max([state_difference(a[k], b[k], f"{path}.{k}") for k in a], default=0.0)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        return max([state_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))], default=0.0)
+    assert a == b, (path, a, b)
+    return 0.0

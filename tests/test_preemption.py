@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lightning_modules.checkpoint_io import TEMP_PREFIX, AtomicCheckpointIO, CorruptCheckpointError
+from tests.helpers import state_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,22 +40,6 @@ def _distill(out: Path, config: str, *args: str, **env) -> subprocess.Popen:
 def _finish(process: subprocess.Popen, out: Path) -> None:
     code = process.wait(timeout=900)
     assert code == 0, (out / "log.txt").read_text()[-4000:]
-
-
-def _state_difference(a, b, path="") -> float:
-    if isinstance(a, torch.Tensor):
-        if a.dtype.is_floating_point:
-            return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        assert torch.equal(a, b), path
-        return 0.0
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
-        return max([_state_difference(a[k], b[k], f"{path}.{k}") for k in a], default=0.0)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        return max([_state_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))], default=0.0)
-    assert a == b, (path, a, b)
-    return 0.0
 
 
 def test_signal_mid_epoch_checkpoints_at_the_batch_boundary_and_resumes_bit_for_bit(tmp_path):
@@ -96,7 +81,7 @@ def test_signal_mid_epoch_checkpoints_at_the_batch_boundary_and_resumes_bit_for_
         assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
             {"batches_done": done, "generator_state": None}]
         for key in ("module", "callbacks", "optimizers", "schedulers"):
-            assert _state_difference(straight[key], finished[key], key) == 0.0, (case, key)
+            assert state_difference(straight[key], finished[key], key) == 0.0, (case, key)
 
 
 def _checkpoint(value: float) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from tests.slurm_cluster import LocalSlurm, require_slurm
 from tests.slurm_probe import write_short_toy_config
+from tests.helpers import state_difference
 
 pytestmark = pytest.mark.slurm
 
@@ -135,22 +136,6 @@ def test_two_node_srun_ddp_uses_slurm_environment(slurm, job_env, tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output.read_text()
 
 
-def _state_difference(a, b, path="") -> float:
-    if isinstance(a, torch.Tensor):
-        if a.dtype.is_floating_point:
-            return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        assert torch.equal(a, b), path
-        return 0.0
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
-        return max([_state_difference(a[k], b[k], f"{path}.{k}") for k in a], default=0.0)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        return max([_state_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))], default=0.0)
-    assert a == b, (path, a, b)
-    return 0.0
-
-
 def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, job_env, tmp_path):
     config = write_short_toy_config(str(tmp_path / "ring8_dmd2.yaml"), batches=40)
     template = str(ROOT / "experiments" / "slurm" / "single_node.sbatch")
@@ -199,4 +184,4 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, job_env, tmp_path)
     finished = torch.load(preempted / "final-rank0.pt", weights_only=False)
     assert finished["global_step"] == straight["global_step"] == 40 + 8
     for key in ("module", "callbacks", "optimizers", "schedulers"):
-        assert _state_difference(straight[key], finished[key], key) <= 1e-6, key
+        assert state_difference(straight[key], finished[key], key) <= 1e-6, key
