@@ -1,4 +1,5 @@
 """Diffusion distillation on PyTorch Lightning: the core (diffusion math, networks, DistillationModule) and methods."""
 from .base import DistillationModule
-from .methods import METHODS, ConsistencyDistillation, DiffInstruct, DisBack, DMD, DMD2, MSD, SFD, SiD, SiDA, SIM, SNOOPI, VSD
+from .methods import (METHODS, ConsistencyDistillation, DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
+                      SiDA, SIM, SNOOPI, UniInstruct, VSD)
 from .teacher_training import DenoisingScoreMatching

@@ -4,14 +4,17 @@ from .diff_instruct import DiffInstruct
 from .disback import DisBack
 from .dmd import DMD
 from .dmd2 import DMD2
+from .f_distill import FDistill
 from .msd import MSD
 from .sfd import SFD
 from .sid import SiD
 from .sida import SiDA
 from .sim import SIM
 from .snoopi import SNOOPI
+from .uni_instruct import UniInstruct
 from .vsd import VSD
 
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
            "disback": DisBack, "sim": SIM, "sida": SiDA,
-           "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI}
+           "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI,
+           "fdistill": FDistill, "uni_instruct": UniInstruct}
