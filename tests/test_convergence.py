@@ -12,6 +12,9 @@ CASES = {
     # measured, one seed: sim 0.534 -> 0.046, ratio 1.52, TV 0.033; sida 0.534 -> 0.046, ratio 1.50, TV 0.041
     "sim": (1200, 6.0, 3.0, 0.08),
     "sida": (900, 6.0, 3.0, 0.08),
+    # measured: fdistill_js 0.686 -> 0.079 (ratio 2.59), TV 0.040; uni_instruct 0.534 -> 0.045 (ratio 1.47), TV 0.033
+    "fdistill_js": (1500, 6.0, 3.0, 0.06),
+    "uni_instruct": (900, 6.0, 2.5, 0.06),
 }
 
 
