@@ -200,8 +200,14 @@ def markdown(records, protocol) -> str:
     students = [r for r in records if "students" in r]
     for r in students:
         sizes = ", ".join(f"{s['classes']}: {s['parameters']:,}" for s in r["students"])
+        full_size = next((f for f in records if f["method"] == "dmd2" and "fid" in f), None)
+        comparison = ""
+        if full_size:
+            full_parameters = full_size["networks"]["student"]["parameters"]
+            comparison = (f" Combined 1-step FID {r['fid']:.2f}; one full-size student ({full_parameters:,} "
+                          f"parameters, the dmd2 row, same schedule) {full_size['fid']:.2f}.")
         lines += ["", f"{r['method']} students (classes: parameters): {sizes}; teacher "
-                  f"{r['networks']['teacher']['parameters']:,}."]
+                  f"{r['networks']['teacher']['parameters']:,}.{comparison}"]
     return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,7 @@ def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321):
     """Metrics of ``sample_fn(noise, cond, nfe)`` at every NFE; floors computed once and shared by all NFEs."""
     import torch
 
-    from lightning_modules.evaluation.sample_metrics import ground_truth_metrics
+    from lightning_modules.evaluation.sample_metrics import ground_truth_metrics, lightest_mode_weight
 
     records, floors = {}, None
     for nfe in nfes:
@@ -61,7 +61,7 @@ def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321):
         metrics = ground_truth_metrics(samples, law, generator=torch.Generator().manual_seed(seed + 1),
                                        num_floor_sets=num_floor_sets, floors=floors)
         floors = {k: v for k, v in metrics.items() if k.endswith("_floor")}
-        records[nfe] = {**metrics, "sampling_seconds": sampling_seconds}
+        records[nfe] = {**metrics, **lightest_mode_weight(samples, law), "sampling_seconds": sampling_seconds}
     return records
 
 
@@ -174,6 +174,12 @@ def markdown(rows, nfes) -> str:
             lines += ["", f"best 1-step student: **{best['method']}** (sliced W2 {best['sliced_w2']:.4f} = "
                       f"{best['sliced_w2_ratio']:.2f} x floor, mode TV {best['mode_weight_tv']:.4f}, "
                       f"modes {best['modes_covered']:.0f}/{best['num_modes']:.0f})"]
+            light = [r for r in one_step if "lightest_mode_weight" in r]
+            if light and light[0]["lightest_mode_true_weight"] < 0.5 / light[0]["num_modes"]:
+                # unequal weights: where mode-seeking (reverse-KL) and mass-covering divergences part ways
+                lines += ["", f"lightest mode's weight at 1 step (true {light[0]['lightest_mode_true_weight']:.3f}): "
+                          + ", ".join(f"{r['method']} {r['lightest_mode_weight']:.3f}"
+                                      for r in sorted(light, key=lambda r: r["mode_weight_tv"]))]
         lines.append("")
     return "\n".join(lines)
 

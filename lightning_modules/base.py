@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
-from .warm_start import regress_to_teacher
+from .warm_start import law_draw, regress_to_teacher
 
 
 class EvaluationNetworkMixin:
@@ -341,7 +341,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         DMD2/SiD's teacher initialisation), seeded identically on every rank; skipped when resuming."""
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if stage == "fit" and self.hparams.warm_start_steps > 0 and not bool(self.warm_started) and not resuming:
-            regress_to_teacher(self.student, self.teacher_x0, self._warm_start_law(), self.schedule,
+            draw = law_draw(self._warm_start_law(), conditional=getattr(self.student, "num_classes", 0) > 0)
+            regress_to_teacher(self.student, self.teacher_x0, draw, self.schedule,
                                steps=self.hparams.warm_start_steps, lr=self.hparams.warm_start_lr,
                                batch_size=self.hparams.warm_start_batch_size, seed=self.hparams.seed)
             if self.critic is not None:

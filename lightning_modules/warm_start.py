@@ -8,8 +8,10 @@ Seeded from its own generator so every rank of a distributed run computes the sa
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .diffusion.schedules import NoiseSchedule
 from .losses import dsm_weight
@@ -24,32 +26,46 @@ def log_uniform_times(n: int, schedule: NoiseSchedule, generator: torch.Generato
     return t.round() if schedule.is_discrete else t
 
 
-def regress_to_teacher(network, teacher_x0, law, schedule: NoiseSchedule, steps: int, lr: float = 2e-3,
-                       batch_size: int = 256, seed: int = 0, null_label_fraction: float = 0.1) -> float:
-    """Fit ``network`` (x0 space) to ``teacher_x0(x_t, t, cond)``; returns the final weighted regression loss."""
+def law_draw(law, conditional: bool, null_label_fraction: float = 0.1):
+    """``draw(n, generator) -> (x0, cond)`` of exact samples of a Gaussian-mixture law; with ``conditional``, the
+    component's class label, replaced by the null label (``law.num_classes``) for a ``null_label_fraction`` of them
+    so that the unconditional branch is fit too."""
+    def draw(n: int, generator: torch.Generator):
+        x0, component = law.sample(n, generator)
+        if not conditional:
+            return x0, None
+        cond = law.component_classes[component].clone()
+        cond[torch.rand(n, generator=generator) < null_label_fraction] = law.num_classes
+        return x0, cond
+    return draw
+
+
+def regress_to_teacher(network, teacher_x0, draw: Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]],
+                       schedule: NoiseSchedule, steps: int, lr: float = 2e-3, batch_size: int = 256,
+                       seed: int = 0) -> float:
+    """Fit ``network`` (x0 space) to ``teacher_x0(x_t, t, cond)`` at noised samples ``draw(n, generator) -> (x0,
+    cond)``: Adam with cosine decay, EDM weighting, noise levels log-uniform over the schedule. Returns the final
+    weighted regression loss."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    device, dtype = params[0].device, params[0].dtype
     generator = torch.Generator().manual_seed(seed)
-    device = next(network.parameters()).device
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    conditional = getattr(network, "num_classes", 0) > 0
     was_training = network.training
     network.train()
     loss = torch.tensor(float("nan"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(steps):
-            x0, component = law.sample(batch_size, generator)
-            cond = None
-            if conditional:
-                cond = law.component_classes[component].clone()
-                cond[torch.rand(batch_size, generator=generator) < null_label_fraction] = law.num_classes
-                cond = cond.to(device)
-            t = log_uniform_times(batch_size, schedule, generator).to(device)
+            x0, cond = draw(batch_size, generator)
+            cond = None if cond is None else cond.to(device)
+            t = log_uniform_times(batch_size, schedule, generator)
             noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-            x_t = schedule.add_noise(x0, noise, t).float().to(device)
+            x_t = schedule.add_noise(x0.double(), noise, t).to(device=device, dtype=dtype)
+            t = t.to(device)
             with torch.no_grad():
-                target = teacher_x0(x_t, t, cond).float()
-            weight = dsm_weight(schedule, t, "edm").float()
+                target = teacher_x0(x_t, t, cond).to(dtype)
+            weight = dsm_weight(schedule, t, "edm").to(dtype)
             loss = (weight * ((network(x_t, t, cond) - target) ** 2).flatten(1).mean(1)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,6 +14,7 @@ from lightning_modules.evaluation.sample_metrics import (
     gaussian_kl,
     ground_truth_metrics,
     knn_precision_recall,
+    lightest_mode_weight,
     mmd_rbf,
     mode_assignment,
     mode_weight_tv,
@@ -147,6 +148,16 @@ def test_modes_covered_counts_dropped_mode(law3):
     # keep 30%: p_hat ~ 0.05 >= 0.02 -> covered
     keep = torch.cat([torch.nonzero(comp != 2).squeeze(1), idx2[: int(0.3 * idx2.numel())]])
     assert modes_covered(x[keep], law3) == 3
+
+
+def test_lightest_mode_weight_tracks_the_light_mode(law3):
+    x, comp = law3.sample(20000, generator=_gen(12))
+    exact = lightest_mode_weight(x, law3)
+    assert exact["lightest_mode_true_weight"] == pytest.approx(float(law3.weights.min()))
+    assert exact["lightest_mode_weight"] == pytest.approx((comp == int(law3.weights.argmin())).double().mean().item())
+    assert exact["lightest_mode_weight"] == pytest.approx(exact["lightest_mode_true_weight"], abs=0.01)
+    dropped = lightest_mode_weight(x[comp != int(law3.weights.argmin())], law3)
+    assert dropped["lightest_mode_weight"] == 0.0
 
 
 # ----------------------------------------------------------------------------- per-mode KL

@@ -288,6 +288,15 @@ def _mode_fractions(x: Tensor, law, assignment: Optional[Tensor] = None) -> Tens
     return counts / max(a.numel(), 1)
 
 
+def lightest_mode_weight(x: Tensor, law, assignment: Optional[Tensor] = None) -> Dict[str, float]:
+    """The sample fraction MAP-assigned to the law's lightest component, next to its true weight: the number a
+    mode-seeking (reverse-KL) student drops first on an unequal-weight mixture."""
+    pi = torch.as_tensor(law.weights, dtype=torch.float64)
+    lightest = int(pi.argmin())
+    p_hat = _mode_fractions(x, law, assignment)
+    return {"lightest_mode_weight": float(p_hat[lightest]), "lightest_mode_true_weight": float(pi[lightest])}
+
+
 def modes_covered(x: Tensor, law, min_fraction: float = 0.1, assignment: Optional[Tensor] = None) -> int:
     """Number of components k with assigned fraction p_hat_k >= min_fraction * pi_k.
 

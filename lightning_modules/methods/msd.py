@@ -44,45 +44,10 @@ from torch import Tensor
 from ..diffusion.schedules import NoiseSchedule
 from ..losses import dsm_weight
 from ..networks.routing import ConditionRoutedStudents
-from ..warm_start import log_uniform_times, regress_to_teacher
+from ..warm_start import law_draw, regress_to_teacher
 from .dmd2 import DMD2
 
 PRETRAINING_SOURCES = ("auto", "law", "real", "teacher")
-
-
-def teacher_score_matching(network, teacher_x0, draw: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
-                           schedule: NoiseSchedule, steps: int, lr: float = 2e-3, batch_size: int = 256,
-                           seed: int = 0) -> float:
-    """Stage 1 of MSD for students that are not teacher copies: fit ``network`` (x0 space, class-conditional) to
-    ``teacher_x0`` at noised samples ``draw(n, generator) -> (x0, labels)``. Adam with cosine decay, EDM weighting,
-    noise levels log-uniform over the schedule (where a one-step student starts). Seeded from its own generator, so
-    every rank computes the same weights. Returns the final weighted loss."""
-    params = [p for p in network.parameters() if p.requires_grad]
-    device, dtype = params[0].device, params[0].dtype
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    was_training = network.training
-    network.train()
-    loss = torch.tensor(float("nan"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(steps):
-            x0, labels = draw(batch_size, generator)
-            x0, labels = x0.to(device=device, dtype=dtype), labels.to(device)
-            t = log_uniform_times(batch_size, schedule, generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(device)
-            x_t = schedule.add_noise(x0, noise, t)
-            with torch.no_grad():
-                target = teacher_x0(x_t, t, labels).to(dtype)
-            weight = dsm_weight(schedule, t, "edm").to(dtype)
-            loss = (weight * ((network(x_t, t, labels) - target) ** 2).flatten(1).mean(1)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    network.train(was_training)
-    return float(loss.detach())
 
 
 class MSD(DMD2):
@@ -172,10 +137,9 @@ class MSD(DMD2):
         """Run TSM on every student at once (one batch over all classes, each sample regressing its owner)."""
         start = time.time()
         source = self._resolved_source()
-        loss = teacher_score_matching(self.student, self.teacher_x0, self._pretraining_draw(source, datamodule),
-                                      self.schedule, steps=self.hparams.warm_start_steps,
-                                      lr=self.hparams.warm_start_lr, batch_size=self.hparams.warm_start_batch_size,
-                                      seed=self.hparams.seed)
+        loss = regress_to_teacher(self.student, self.teacher_x0, self._pretraining_draw(source, datamodule),
+                                  self.schedule, steps=self.hparams.warm_start_steps, lr=self.hparams.warm_start_lr,
+                                  batch_size=self.hparams.warm_start_batch_size, seed=self.hparams.seed)
         self.pretraining_report = {"source": source, "steps": self.hparams.warm_start_steps, "loss": loss,
                                    "seconds": time.time() - start}
         return self.pretraining_report
@@ -186,12 +150,13 @@ class MSD(DMD2):
         if {k: v.shape for k, v in critic.state_dict().items()} == ours:
             critic.load_state_dict(student.state_dict())
         elif isinstance(critic, ConditionRoutedStudents):
-            teacher_score_matching(critic, self.teacher_x0, self._pretraining_draw(self._resolved_source()),
-                                   self.schedule, steps=max(self.hparams.warm_start_steps, 1),
-                                   lr=self.hparams.warm_start_lr, batch_size=self.hparams.warm_start_batch_size,
-                                   seed=self.hparams.seed + 1)
+            regress_to_teacher(critic, self.teacher_x0, self._pretraining_draw(self._resolved_source()),
+                               self.schedule, steps=max(self.hparams.warm_start_steps, 1),
+                               lr=self.hparams.warm_start_lr, batch_size=self.hparams.warm_start_batch_size,
+                               seed=self.hparams.seed + 1)
         elif getattr(self.teacher, "law", None) is not None and self.hparams.warm_start_steps > 0:
-            regress_to_teacher(critic, self.teacher_x0, self.teacher.law, self.schedule,
+            draw = law_draw(self.teacher.law, conditional=getattr(critic, "num_classes", 0) > 0)
+            regress_to_teacher(critic, self.teacher_x0, draw, self.schedule,
                                steps=self.hparams.warm_start_steps, lr=self.hparams.warm_start_lr,
                                batch_size=self.hparams.warm_start_batch_size, seed=self.hparams.seed + 1)
         # else: a shared critic of another architecture with a network teacher stays as configured (a teacher copy)
