@@ -44,8 +44,10 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321):
-    """Metrics of ``sample_fn(noise, cond, nfe)`` at every NFE; floors computed once and shared by all NFEs."""
+def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321, target_law=None):
+    """Metrics of ``sample_fn(noise, cond, nfe)`` at every NFE; floors computed once and shared by all NFEs. Labels
+    are drawn with ``law``'s class weights; samples are scored against ``target_law`` (default ``law``)."""
+    target_law = law if target_law is None else target_law
     import torch
 
     from lightning_modules.evaluation.sample_metrics import ground_truth_metrics, lightest_mode_weight
@@ -58,10 +60,10 @@ def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321):
         start = time.time()
         samples = sample_fn(noise, cond, nfe).double()
         sampling_seconds = time.time() - start
-        metrics = ground_truth_metrics(samples, law, generator=torch.Generator().manual_seed(seed + 1),
+        metrics = ground_truth_metrics(samples, target_law, generator=torch.Generator().manual_seed(seed + 1),
                                        num_floor_sets=num_floor_sets, floors=floors)
         floors = {k: v for k, v in metrics.items() if k.endswith("_floor")}
-        records[nfe] = {**metrics, **lightest_mode_weight(samples, law), "sampling_seconds": sampling_seconds}
+        records[nfe] = {**metrics, **lightest_mode_weight(samples, target_law), "sampling_seconds": sampling_seconds}
     return records
 
 
@@ -90,14 +92,19 @@ def run_method(dataset, method, args):
     ratio = ttur.ratio if ttur is not None else 1
     generator_updates = -(-batches // ratio)
     conditional = bool(getattr(module.student, "num_classes", 0))
+    target_law = None
+    if getattr(module, "forget_classes", None):  # SFD: scored against the law a perfect forgetting student draws
+        from lightning_modules.methods.sfd import forgetting_target_law
+        target_law = forgetting_target_law(datamodule.law, module.forget_classes, module.override_classes)
     records = evaluate(lambda z, c, nfe: module.sample(z, c if conditional else None, nfe), datamodule.law, args.nfe,
-                       args.num_samples, args.num_floor_sets)
+                       args.num_samples, args.num_floor_sets, target_law=target_law)
     common = {"dataset": dataset, "method": method, "training_batches": batches,
               "generator_updates": generator_updates, "warm_start_seconds": warm_start_seconds,
               "train_seconds": train_seconds, "seconds_per_batch": train_seconds / batches,
               "seconds_per_generator_update": train_seconds / generator_updates,
               "parameters": sum(p.numel() for p in module.student.parameters()),
-              "peak_memory_mb": peak_memory_mb()}
+              "peak_memory_mb": peak_memory_mb(),
+              "scored_against": (target_law or datamodule.law).name}
     return [{**common, "nfe": nfe, **metrics} for nfe, metrics in records.items()]
 
 
@@ -159,22 +166,27 @@ def markdown(rows, nfes) -> str:
         lines += [f"## {dataset}", "",
                   f"floors: sliced W2 {floor['sliced_w2_floor']:.4f}, mode TV {floor['mode_weight_tv_floor']:.4f}, "
                   f"per-mode KL {floor['per_mode_kl_floor']:.4f}", "",
-                  "| method | " + " | ".join(f"NFE {n}: SW2 ratio / TV" for n in nfes) + " | s / batch | peak MB |",
-                  "|---|" + "---|" * (len(nfes) + 2)]
+                  "| method | " + " | ".join(f"NFE {n}: SW2 ratio / TV" for n in nfes)
+                  + " | training batches | s / batch | peak MB |",
+                  "|---|" + "---|" * (len(nfes) + 3)]
         for method in dict.fromkeys(r["method"] for r in subset):
             by_nfe = {r["nfe"]: r for r in subset if r["method"] == method}
             cells = [f"{by_nfe[n]['sliced_w2_ratio']:.2f} / {by_nfe[n]['mode_weight_tv']:.3f}" if n in by_nfe else "-"
                      for n in nfes]
             any_row = next(iter(by_nfe.values()))
             speed = f"{any_row['seconds_per_batch'] * 1e3:.1f} ms" if "seconds_per_batch" in any_row else "-"
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {speed} | {any_row['peak_memory_mb']:.0f} |")
+            label = method if any_row.get("scored_against", dataset) == dataset else (
+                f"{method} (vs {any_row['scored_against']})")
+            budget = f"{any_row['training_batches']:,}" if "training_batches" in any_row else "-"
+            lines.append(f"| {label} | " + " | ".join(cells)
+                         + f" | {budget} | {speed} | {any_row['peak_memory_mb']:.0f} |")
         one_step = [r for r in subset if r["nfe"] == 1 and not r["method"].startswith("teacher")]
         if one_step:
             best = min(one_step, key=lambda r: r["sliced_w2_ratio"])
             lines += ["", f"best 1-step student: **{best['method']}** (sliced W2 {best['sliced_w2']:.4f} = "
                       f"{best['sliced_w2_ratio']:.2f} x floor, mode TV {best['mode_weight_tv']:.4f}, "
                       f"modes {best['modes_covered']:.0f}/{best['num_modes']:.0f})"]
-            light = [r for r in one_step if "lightest_mode_weight" in r]
+            light = [r for r in one_step if "lightest_mode_weight" in r and r.get("scored_against") == dataset]
             if light and light[0]["lightest_mode_true_weight"] < 0.5 / light[0]["num_modes"]:
                 # unequal weights: where mode-seeking (reverse-KL) and mass-covering divergences part ways
                 lines += ["", f"lightest mode's weight at 1 step (true {light[0]['lightest_mode_true_weight']:.3f}): "
@@ -231,7 +243,7 @@ def main():
     with open(tmp_json, "w") as handle:
         json.dump({"protocol": protocol, "records": rows}, handle, indent=1)
     os.replace(tmp_json, os.path.join(args.output, "toy.json"))
-    text = markdown(rows, args.nfe)
+    text = markdown(rows, sorted({r["nfe"] for r in rows}))
     with open(os.path.join(args.output, "toy.md"), "w") as handle:
         handle.write(text)
     print(text)
