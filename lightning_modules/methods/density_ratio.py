@@ -168,6 +168,18 @@ class DensityRatioEstimate(nn.Module):
         self.logit_bound, self.ratio_min, self.ratio_max = logit_bound, ratio_min, ratio_max
         self.normalizer = TimeBinnedRatioNormalizer(schedule, time_bins, ema_decay) if normalize_per_bin else None
 
+    @classmethod
+    def for_module(cls, method: str, module, gan_critic_weight: float, *args, **kwargs) -> "DensityRatioEstimate":
+        """The estimate of a method whose ``module`` reads r from its discriminator head, trained through the critic
+        loss with weight ``gan_critic_weight``; a clear error naming ``method`` when either is missing."""
+        if module.discriminator is None:
+            raise ValueError(f"{method} estimates the density ratio with a discriminator head: set "
+                             "model.init_args.discriminator")
+        if gan_critic_weight <= 0:
+            raise ValueError(f"{method} trains its discriminator through gan_critic_weight, which must be > 0, "
+                             f"got {gan_critic_weight}")
+        return cls(module.schedule, *args, **kwargs)
+
     def estimate(self, module, logits: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         ratio, inside = ratio_from_logits(logits.reshape(logits.shape[0]), self.logit_bound, self.ratio_min,
                                           self.ratio_max)

@@ -37,14 +37,9 @@ class FDistill(DMD2):
         super().__init__(*args, gan_generator_weight=gan_generator_weight, gan_critic_weight=gan_critic_weight,
                          **kwargs)
         self.divergence = get_divergence(divergence)
-        if self.discriminator is None:
-            raise ValueError("f-distill estimates the density ratio with a discriminator head: set "
-                             "model.init_args.discriminator")
-        if gan_critic_weight <= 0:
-            raise ValueError(f"f-distill trains its discriminator through gan_critic_weight, which must be > 0, "
-                             f"got {gan_critic_weight}")
-        self.density_ratio = DensityRatioEstimate(self.schedule, ratio_logit_bound, ratio_min, ratio_max,
-                                                  ratio_time_bins, ratio_ema_decay, normalize_ratio_per_bin)
+        self.density_ratio = DensityRatioEstimate.for_module(
+            "f-distill", self, gan_critic_weight, ratio_logit_bound, ratio_min, ratio_max, ratio_time_bins,
+            ratio_ema_decay, normalize_ratio_per_bin)
         self._last_weights = None
 
     def ratio_weights(self, x_t, t, cond):

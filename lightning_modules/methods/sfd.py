@@ -46,11 +46,15 @@ from ..networks.gaussian_mixture import GaussianMixture
 from .sid import SiD, sid_generator_loss
 
 
-def _as_classes(values, name: str) -> list[int]:
+def _as_classes(values, name: str, kind: str, num_classes: int) -> list[int]:
+    """``values`` as distinct class indices of a ``num_classes``-class teacher, or a ValueError naming the bad one."""
     classes = [int(v) for v in values]
     duplicates = sorted({c for c in classes if classes.count(c) > 1})
     if duplicates:
         raise ValueError(f"{name} lists class {duplicates[0]} more than once: {classes}")
+    for label in classes:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{kind} class {label} is outside 0..{num_classes - 1}")
     return classes
 
 
@@ -65,21 +69,16 @@ class SFD(SiD):
         if not (getattr(self.student, "num_classes", 0) or 0):
             raise ValueError("SFD needs a class-conditional student (e.g. ToyMLPDenoiser num_classes, or leave student "
                              "unset to copy the teacher)")
-        forget = _as_classes(forget_classes, "forget_classes")
+        forget = _as_classes(forget_classes, "forget_classes", "forget", num_classes)
         if not forget:
             raise ValueError("forget_classes is empty: name at least one class to forget")
-        for label in forget:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"forget class {label} is outside 0..{num_classes - 1}")
         if override_classes is None:
             override = [c for c in range(num_classes) if c not in forget]
         else:
-            override = _as_classes(override_classes, "override_classes")
+            override = _as_classes(override_classes, "override_classes", "override", num_classes)
         if not override:
             raise ValueError("no override class: every class is forgotten; keep at least one")
         for label in override:
-            if not 0 <= label < num_classes:
-                raise ValueError(f"override class {label} is outside 0..{num_classes - 1}")
             if label in forget:
                 raise ValueError(f"override class {label} is also a forget class")
         if not forget_weight > 0:

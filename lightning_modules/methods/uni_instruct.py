@@ -85,18 +85,13 @@ class UniInstruct(ScoreDistillationModule):
         super().__init__(*args, **kwargs)
         self.divergence = get_divergence(divergence)
         self.diff_instruct_term = diff_instruct_term
-        if self.discriminator is None:
-            raise ValueError("Uni-Instruct estimates the density ratio with a discriminator head: set "
-                             "model.init_args.discriminator")
-        if gan_critic_weight <= 0:
-            raise ValueError(f"Uni-Instruct trains its discriminator through gan_critic_weight, which must be > 0, "
-                             f"got {gan_critic_weight}")
         if gan_generator_weight < 0:
             raise ValueError(f"gan_generator_weight must be >= 0, got {gan_generator_weight}")
         self.generator_time_sampler = generator_time_sampler or KarrasRampTime(0.2, 1.0)
         self.gan_generator_weight, self.gan_critic_weight = gan_generator_weight, gan_critic_weight
-        self.density_ratio = DensityRatioEstimate(self.schedule, ratio_logit_bound, ratio_min, ratio_max,
-                                                  ratio_time_bins, ratio_ema_decay, normalize_ratio_per_bin)
+        self.density_ratio = DensityRatioEstimate.for_module(
+            "Uni-Instruct", self, gan_critic_weight, ratio_logit_bound, ratio_min, ratio_max, ratio_time_bins,
+            ratio_ema_decay, normalize_ratio_per_bin)
 
     def default_critic_time_sampler(self):
         return LogNormalTime(-1.2, 1.2)
