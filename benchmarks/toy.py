@@ -198,7 +198,8 @@ def markdown(rows, nfes) -> str:
             budget = f"{any_row['training_batches']:,}" if "training_batches" in any_row else "-"
             lines.append(f"| {label} | " + " | ".join(cells)
                          + f" | {budget} | {speed} | {any_row['peak_memory_mb']:.0f} |")
-        one_step = [r for r in subset if r["nfe"] == 1 and not r["method"].startswith("teacher")]
+        one_step = [r for r in subset if r["nfe"] == 1 and not r["method"].startswith("teacher")
+                    and r.get("scored_against", dataset) == dataset]  # SFD's rows are scored against another law
         if one_step:
             best = min(one_step, key=lambda r: r["sliced_w2_ratio"])
             lines += ["", f"best 1-step student: **{best['method']}** (sliced W2 {best['sliced_w2']:.4f} = "

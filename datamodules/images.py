@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.packaged import packaged_file
 
+from .resumable import ResumableDataLoader
+
 SPLITS = ("train", "val", "test")
 
 
@@ -88,8 +90,10 @@ class ImageDataModule(LightningDataModule):
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset(self.train_split), batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # resumable: a fit resumed mid-epoch continues at the exact batch of the same permutation
+        return ResumableDataLoader(self.dataset(self.train_split), batch_size=self.batch_size, shuffle=True,
+                                   drop_last=True, generator=generator, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0, progress_source=self)
 
     def val_dataloader(self):
         return DataLoader(self.dataset(self.val_split, seed_offset=10_000, limit=self.max_val_images),

@@ -122,6 +122,24 @@ def test_digits_splits_shapes_range_determinism():
     assert datamodule.num_classes == 10 and datamodule.shape == (1, 8, 8)
 
 
+def test_image_train_loader_resumes_mid_epoch_at_the_exact_batch():
+    def loader():
+        datamodule = DigitsDataModule(batch_size=64, seed=5)
+        return datamodule.train_dataloader()
+
+    epoch = [b["noise"] for b in loader()]
+    interrupted = loader()
+    iterator = iter(interrupted)
+    for _ in range(4):
+        next(iterator)
+    state = interrupted.state_dict()
+    assert state["batches_done"] == 4
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b["noise"] for b in resumed]
+    assert len(rest) == len(epoch) - 4 and all(torch.equal(a, b) for a, b in zip(rest, epoch[4:]))
+
+
 @pytest.mark.parametrize("size, mode", [(16, "bilinear"), (32, "nearest"), (4, "bicubic")])
 def test_digits_resize(size, mode):
     datamodule = DigitsDataModule(batch_size=8, image_size=size, resize_mode=mode)
