@@ -29,6 +29,16 @@ import lightning_modules  # noqa: F401
 class DistillCLI(LightningCLI):
     """LightningCLI with the framework's defaults (TensorBoard logger, resolved config saved per run)."""
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI torch.loads an explicit --ckpt_path for its hyperparameters before the trainer's checkpoint
+        # reader runs; check the file first so a damaged one gets the error that names it and its good neighbours.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and "://" not in str(ckpt_path) and os.path.isfile(ckpt_path):
+            from lightning_modules.checkpoint_io import check_checkpoint_file
+            check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
+
 
 def _build(args: list[str] | None, run: bool) -> DistillCLI:
     return DistillCLI(

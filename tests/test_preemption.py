@@ -169,6 +169,23 @@ def test_resuming_fit_from_a_truncated_checkpoint_names_the_problem(tmp_path):
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_explicit_ckpt_path_to_a_damaged_file_names_it_from_the_cli(tmp_path):
+    """``distill fit --ckpt_path BAD``: LightningCLI reads the file's hyperparameters before the trainer does; the
+    error still names the file and the good checkpoint beside it, and nothing is written or removed."""
+    from lightning_modules.cli import main
+    from tests.slurm_probe import write_short_toy_config
+
+    config = write_short_toy_config(str(tmp_path / "dmd2.yaml"), batches=4, warm_start_steps=5)
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(1.0), tmp_path / "epoch=0.ckpt")
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"PK\x03\x04 half a checkpoint")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CorruptCheckpointError) as error:
+        main(["fit", "-c", config, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={bad}"])
+    assert f"{bad} is truncated or corrupt" in str(error.value) and "epoch=0.ckpt" in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_resumable_loader_continues_at_the_batch_and_permutation():
     from torch.utils.data import TensorDataset
 
