@@ -4,6 +4,11 @@ Built on torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``. Lightning's ow
 averages after every optimizer step, which in manual optimization with a critic would tick on critic updates too
 (the flaw noted in FastGen), hence this small callback. The average is registered as the module's evaluation student,
 so validation metrics, sample grids and exports use it. Its state travels in the Lightning checkpoint.
+
+``warmup``: the decay after n generator updates is min(decay, (1 + n) / (10 + n)) (diffusers' ``EMAModel`` default),
+so a short run's average is not dominated by its first weights: with a fixed 0.99 the first update's student (one
+step from the initial network) still has weight 0.99^199 = 13.5% after 200 updates. (``AveragedModel`` starts the
+average as a copy of the student at the first update.)
 """
 from __future__ import annotations
 
@@ -14,18 +19,35 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from lightning_modules.strategies import full_parameters
 
 
+def warmup_ema_multi_avg_fn(decay: float):
+    """``AveragedModel`` multi_avg_fn: EMA with decay min(decay, (1 + n) / (10 + n)) after n averaged updates."""
+    @torch.no_grad()
+    def update(averaged: list, current: list, num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(a * (1.0 - weight) + c * weight)
+    return update
+
+
 class StudentEMA(Callback):
-    def __init__(self, decay: float = 0.999, start_step: int = 0, evaluate_with_ema: bool = True):
+    def __init__(self, decay: float = 0.999, start_step: int = 0, evaluate_with_ema: bool = True,
+                 warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start_step, self.evaluate_with_ema = decay, start_step, evaluate_with_ema
+        self.warmup = warmup
         self.average: AveragedModel | None = None
         self.generator_updates = 0
         self._pending_state: dict | None = None
 
     def _ensure(self, pl_module):
         if self.average is None:
-            self.average = AveragedModel(pl_module.averaged_network(), multi_avg_fn=get_ema_multi_avg_fn(self.decay),
+            average_fn = (warmup_ema_multi_avg_fn if self.warmup else get_ema_multi_avg_fn)(self.decay)
+            self.average = AveragedModel(pl_module.averaged_network(), multi_avg_fn=average_fn,
                                          use_buffers=True).requires_grad_(False)
             if self._pending_state is not None:
                 self.average.load_state_dict(self._pending_state)
