@@ -1,6 +1,8 @@
 """Small test utilities: an affine Gaussian generator, independent closed-form denoisers, fixed-randomness patches."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -57,6 +59,30 @@ def fix_randomness(module, times, noises):
     times, noises = list(times), list(noises)
     module.sample_times = lambda sampler, n: times.pop(0)
     module.noise_like = lambda x: noises.pop(0).to(x.dtype)
+
+
+def fixed_generator_draws(module, schedule, batch_size: int, seed: int = 3):
+    """Make the module's generator step draw these (t, eps): t on the Karras ramp [0.2, 1.0], eps standard normal."""
+    from lightning_modules.diffusion import KarrasRampTime
+
+    t = KarrasRampTime(0.2, 1.0)(batch_size, schedule, torch.Generator().manual_seed(seed))
+    eps = torch.randn(batch_size, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    fix_randomness(module, [t], [eps])
+    return t, eps
+
+
+def affine_denoised(law: GaussianMixture, student_law, student, noise, t, eps, schedule) -> SimpleNamespace:
+    """The generator step of an ``AffineGenerator`` student x_g = m + A z written out independently: fresh
+    differentiable copies (m, A), x_t = alpha x_g + sigma eps, and Tweedie x0 estimates of the teacher's ``law``
+    (y_real) and of ``student_law`` (y_fake) from torch.distributions scores."""
+    m = student.mean.detach().clone().requires_grad_(True)
+    A = student.matrix.detach().clone().requires_grad_(True)
+    x_g = m + noise @ A.T
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = alpha[:, None] * x_g + sigma[:, None] * eps
+    return SimpleNamespace(m=m, A=A, x_g=x_g, x_t=x_t, alpha=alpha, sigma=sigma,
+                           y_real=independent_x0(law, x_t, alpha, sigma, create_graph=True),
+                           y_fake=independent_x0(student_law, x_t, alpha, sigma, create_graph=True))
 
 
 def state_difference(a, b, path="") -> float:

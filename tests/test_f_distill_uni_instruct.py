@@ -18,7 +18,8 @@ from lightning_modules.methods.density_ratio import DIVERGENCES, TimeBinnedRatio
 from lightning_modules.methods.f_distill import FDistill
 from lightning_modules.methods.uni_instruct import UniInstruct, uni_instruct_generator_loss
 from lightning_modules.networks import DiscriminatorHead, GaussianMixtureTeacher, ToyMLPDenoiser
-from tests.helpers import AffineGenerator, fix_randomness, independent_noisy_log_prob, independent_x0
+from tests.helpers import (AffineGenerator, affine_denoised, fix_randomness, fixed_generator_draws,
+                           independent_noisy_log_prob, independent_x0)
 
 B = 64
 NAMES = sorted(DIVERGENCES)
@@ -154,22 +155,16 @@ def _uni_instruct_gradients(name, diff_instruct_term, monkeypatch):
     module, law, student, noise = _affine_module(UniInstruct, divergence=name, gan_generator_weight=0.0,
                                                  diff_instruct_term=diff_instruct_term)
     schedule = module.schedule
-    t = KarrasRampTime(0.2, 1.0)(B, schedule, torch.Generator().manual_seed(3))
-    eps = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    fix_randomness(module, [t], [eps])
+    t, eps = fixed_generator_draws(module, schedule, B)
     student_law = student.law()
     monkeypatch.setattr(module, "fake_x0_and_logits", lambda x_t, t_, cond: (
         module.critic(x_t, t_, cond), _true_log_ratio(law, student_law, x_t, t_, schedule)))
     module.generator_loss({"noise": noise})["loss"].backward()
 
-    m = student.mean.detach().clone().requires_grad_(True)
-    A = student.matrix.detach().clone().requires_grad_(True)
-    x_g = m + noise @ A.T
-    alpha, sigma = schedule.alpha_sigma(t)
-    x_t = alpha[:, None] * x_g + sigma[:, None] * eps
-    y_real = independent_x0(law, x_t, alpha, sigma, create_graph=True)
-    y_fake = independent_x0(student_law, x_t, alpha, sigma, create_graph=True)
-    ratio, _ = _independent_ratio(_true_log_ratio(law, student_law, x_t, t, schedule), sigma / alpha, decay=0.5)
+    d = affine_denoised(law, student_law, student, noise, t, eps, schedule)
+    m, A, x_g, y_real, y_fake = d.m, d.A, d.x_g, d.y_real, d.y_fake
+    ratio, _ = _independent_ratio(_true_log_ratio(law, student_law, d.x_t, t, schedule), d.sigma / d.alpha,
+                                  decay=0.5)
     ratio = ratio if diff_instruct_term else ratio.detach()
     divergence = DIVERGENCES[name]
     h = divergence.h(ratio) * torch.ones_like(ratio)

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from lightning_modules import SiD
-from lightning_modules.diffusion import EDMSchedule, KarrasRampTime, LogNormalTime, VPDiscreteSchedule
+from lightning_modules.diffusion import EDMSchedule, LogNormalTime, VPDiscreteSchedule
 from lightning_modules.losses import dsm_weight
 from lightning_modules.methods.sida import SiDA
 from lightning_modules.methods.sim import SIM, sim_surrogate
 from lightning_modules.networks.denoiser import FeatureTap
 from lightning_modules.networks import DiscriminatorHead, GaussianMixtureTeacher, ToyMLPDenoiser, get_toy_law
-from tests.helpers import AffineGenerator, fix_randomness, independent_x0
+from tests.helpers import AffineGenerator, affine_denoised, fix_randomness, fixed_generator_draws, independent_x0
 
 B = 64
 MEAN, MATRIX = [0.1, -0.2], [[0.5, 0.1], [-0.2, 0.4]]
@@ -37,35 +37,16 @@ def _affine_setup(method_cls, schedule=None, critic_cls=GaussianMixtureTeacher, 
     return module, teacher.law, student, noise
 
 
-def _fixed_generator_draws(module, schedule, seed=3):
-    t = KarrasRampTime(0.2, 1.0)(B, schedule, torch.Generator().manual_seed(seed))
-    eps = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-    fix_randomness(module, [t], [eps])
-    return t, eps
-
-
-def _independent_denoised(law, student, noise, t, eps, schedule):
-    """x_g, T(x_t), F(x_t) by Tweedie with torch.distributions scores, differentiable in fresh copies of (m, A)."""
-    m = student.mean.detach().clone().requires_grad_(True)
-    A = student.matrix.detach().clone().requires_grad_(True)
-    x_g = m + noise @ A.T
-    alpha, sigma = schedule.alpha_sigma(t)
-    x_t = alpha[:, None] * x_g + sigma[:, None] * eps
-    y_real = independent_x0(law, x_t, alpha, sigma, create_graph=True)
-    y_fake = independent_x0(student.law(), x_t, alpha, sigma, create_graph=True)
-    return m, A, x_g, y_real, y_fake
-
-
-# ---------------------------------------------------------------------------------------------------- SIM
 @pytest.mark.parametrize("schedule", [EDMSchedule(), VPDiscreteSchedule()], ids=["edm", "vp-discrete"])
 @pytest.mark.parametrize("huber_c", [None, 0.05])
 def test_sim_generator_gradient_matches_independent_pseudo_huber_formula(schedule, huber_c):
     module, law, student, noise = _affine_setup(SIM, schedule=schedule, huber_c=huber_c)
-    t, eps = _fixed_generator_draws(module, schedule)
+    t, eps = fixed_generator_draws(module, schedule, B)
     module.generator_loss({"noise": noise})["loss"].backward()
 
     # independent: L_i = [sqrt(|D|^2 + c^2) - c + D / sqrt(|D|^2 + c^2) . (y_f - x_g)] / sg(mean |x_g - y_r|)
-    m, A, x_g, y_real, y_fake = _independent_denoised(law, student, noise, t, eps, schedule)
+    d = affine_denoised(law, student.law(), student, noise, t, eps, schedule)
+    m, A, x_g, y_real, y_fake = d.m, d.A, d.x_g, d.y_real, d.y_fake
     c = 0.1 * math.sqrt(2) if huber_c is None else huber_c
     delta = y_real - y_fake
     root = (delta.pow(2).sum(1) + c * c).sqrt()
@@ -81,7 +62,7 @@ def test_sim_with_l2_distance_is_sid_with_alpha_one_half():
     grads, losses = [], []
     for method_cls, kwargs in [(SIM, {"distance": "l2"}), (SiD, {"alpha": 0.5})]:
         module, law, student, noise = _affine_setup(method_cls, **kwargs)
-        _fixed_generator_draws(module, module.schedule)
+        fixed_generator_draws(module, module.schedule, B)
         loss = module.generator_loss({"noise": noise})["loss"]
         loss.backward()
         losses.append(loss.detach())
@@ -91,7 +72,7 @@ def test_sim_with_l2_distance_is_sid_with_alpha_one_half():
     assert grads[0].norm() > 1e-3
     # ... and it is not SiD at the paper's alpha = 1.2: the identity pins alpha
     module, _, student, noise = _affine_setup(SiD, alpha=1.2)
-    _fixed_generator_draws(module, module.schedule)
+    fixed_generator_draws(module, module.schedule, B)
     module.generator_loss({"noise": noise})["loss"].backward()
     assert not torch.allclose(grads[0], torch.cat([student.mean.grad, student.matrix.grad.flatten()]), rtol=1e-3)
 
@@ -200,20 +181,19 @@ def test_sida_generator_gradient_is_sid_plus_weighted_batch_normalised_gan(weigh
     module, law, student, noise = _affine_setup(SiDA, critic_cls=ExactCriticWithBottleneck, discriminator=head,
                                                 alpha=1.2, gan_generator_weight=weight)
     schedule = module.schedule
-    t, eps = _fixed_generator_draws(module, schedule)
+    t, eps = fixed_generator_draws(module, schedule, B)
     out = module.generator_loss({"noise": noise})
     out["loss"].backward()
 
     # independent SiD part (Eq. 23) and GAN part, each differentiated on its own
     def independent(part):
-        m, A, x_g, y_real, y_fake = _independent_denoised(law, student, noise, t, eps, schedule)
+        d = affine_denoised(law, student.law(), student, noise, t, eps, schedule)
+        m, A, x_g, y_real, y_fake = d.m, d.A, d.x_g, d.y_real, d.y_fake
         w = (x_g - y_real).detach().abs().mean(1).clamp_min(1e-5)
         if part == "sid":
             loss = (((y_real - y_fake) * ((y_real - x_g) - 1.2 * (y_real - y_fake))).sum(1) / w).mean()
         else:  # dim * batch-mean softplus(-clamp(logit)) / w_i, averaged over i
-            alpha, sigma = schedule.alpha_sigma(t)
-            x_t = alpha[:, None] * x_g + sigma[:, None] * eps
-            logits = head(torch.tanh(torch.cat([x_t, sigma.log()[:, None]], dim=1))).clamp(-10, 10)
+            logits = head(torch.tanh(torch.cat([d.x_t, d.sigma.log()[:, None]], dim=1))).clamp(-10, 10)
             loss = (2 * torch.nn.functional.softplus(-logits).mean() / w).mean()
         loss.backward()
         return torch.cat([m.grad, A.grad.flatten()]), loss.detach()
