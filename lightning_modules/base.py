@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from .conditioning.condition import TextCondition, unconditional
 from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
@@ -58,6 +59,7 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         student: Denoiser | None = None,
         critic: Denoiser | None = None,
         discriminator: nn.Module | None = None,
+        autoencoder: nn.Module | None = None,
         student_timesteps: Sequence[float] | None = None,
         student_sigmas: Sequence[float] | None = None,
         backward_simulation: bool = True,
@@ -73,9 +75,12 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         warm_start_batch_size: int = 256,
         eval_nfe: Sequence[int] = (1,),
         seed: int = 0,
+        student_lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+        attention_backend: str = "auto",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher", "student", "critic", "discriminator", "generator_optimizer",
+        self.save_hyperparameters(ignore=["teacher", "student", "critic", "discriminator", "autoencoder", "generator_optimizer",
                                           "critic_optimizer", "generator_lr_scheduler", "critic_lr_scheduler"])
         self.automatic_optimization = False
         if teacher.schedule is None:
@@ -90,8 +95,14 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
 
         self.teacher = teacher.requires_grad_(False).eval()
         self.schedule = teacher.schedule
-        # Networks that start from the teacher are explicit copies (DMD2/SiD initialise G and F from T).
-        self.student = copy.deepcopy(teacher).requires_grad_(True) if student is None else student
+        # Networks that start from the teacher are explicit copies (DMD2/SiD initialise G and F from T), or, with
+        # ``student_lora``, low-rank adapters on the shared frozen teacher (LoRA students, Hu et al. 2022).
+        if student_lora is not None and student is not None:
+            raise ValueError("give student (a network) or student_lora (adapters on the teacher), not both")
+        if student_lora is not None:
+            self.student = self._lora_student(teacher, student_lora)
+        else:
+            self.student = copy.deepcopy(teacher).requires_grad_(True) if student is None else student
         self._share_schedule(self.student, "student")
         self._check_shapes(self.student, "student")
         self.critic = None
@@ -100,7 +111,10 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
             self._share_schedule(self.critic, "critic")
             self._check_shapes(self.critic, "critic")
         self.discriminator = discriminator
+        # Latent teachers: the frozen VAE that maps images <-> the teacher's latents (never in an optimizer).
+        self.autoencoder = None if autoencoder is None else autoencoder.requires_grad_(False).eval()
         self.student_times = self._resolve_student_times(student_timesteps, student_sigmas)
+        self._apply_memory_options(gradient_checkpointing, attention_backend)
         self.generator_optimizer_factory, self.critic_optimizer_factory = generator_optimizer, critic_optimizer
         self.generator_scheduler_factory, self.critic_scheduler_factory = generator_lr_scheduler, critic_lr_scheduler
         self.register_buffer("warm_started", torch.tensor(False), persistent=True)
@@ -108,6 +122,29 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         self.update_generator_now = True
 
     # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _lora_student(teacher: Denoiser, options: dict):
+        from .networks.lora import LoRACritic
+
+        allowed = {"rank", "alpha", "target_modules", "dropout"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"unknown student_lora option(s) {unknown}; expected some of {sorted(allowed)}")
+        if not any(True for _ in teacher.parameters()):
+            raise ValueError(f"student_lora needs a teacher with weights to adapt; {type(teacher).__name__} has none")
+        return LoRACritic(teacher, adapter_name="student", **options)
+
+    def _apply_memory_options(self, gradient_checkpointing: bool, attention_backend: str) -> None:
+        """Gradient checkpointing on the trained networks; xformers attention when CUDA is present, else torch SDPA."""
+        try:  # TODO(lead): integration pending helper H7's memory.py
+            from .networks.memory import apply_memory_options
+        except ImportError:
+            return
+        trained = [n for n in (self.student, self.critic) if n is not None]
+        for network in [self.teacher, *trained]:
+            apply_memory_options(network, gradient_checkpointing=gradient_checkpointing and network is not self.teacher,
+                                 attention=attention_backend)
+
     def _share_schedule(self, network: Denoiser, name: str) -> None:
         if network.schedule is None:
             network.schedule = self.schedule
@@ -143,20 +180,46 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the frozen teacher never runs in training mode (dropout, batch statistics)
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
         return self
+
+    # ------------------------------------------------------------------ latent teachers
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Samples in image space ([-1, 1]): decoded by the autoencoder for latent teachers, as they are otherwise."""
+        if self.autoencoder is None:
+            return samples
+        with torch.no_grad():
+            return self.autoencoder.decode(samples)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Image-text pair batches carry ``real_images``; a latent teacher's methods see them as latents ``real``."""
+        if batch.get("real") is None and batch.get("real_images") is not None:
+            if self.autoencoder is None:
+                batch["real"] = batch["real_images"]
+            else:
+                with torch.no_grad():
+                    batch["real"] = self.autoencoder.encode(batch["real_images"])
+        return batch
 
     # ------------------------------------------------------------------ networks as the methods see them
     def teacher_x0(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance_scale: Tensor | float | None = None) -> Tensor:
         """The teacher's x0 estimate, with classifier-free guidance on the teacher only (DMD2 Sec. 4.2)."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         guided = cond is not None and (torch.is_tensor(scale) or scale != 1.0)
-        null = torch.full_like(cond, self._null_label()) if guided else None  # text-conditioned teachers: no labels
+        null = self.unconditional(cond) if guided else None
         return classifier_free_guidance(self.teacher, x_t, t, cond, null, scale)
+
+    def unconditional(self, cond):
+        """CFG's unconditional branch: the null label (class labels) or the empty / negative prompt (prompts)."""
+        null_label = None if isinstance(cond, TextCondition) else self._null_label()
+        return unconditional(cond, null_label)
 
     def _null_label(self) -> int:
         classes = getattr(self.teacher, "num_classes", None)
         if not classes:
-            raise ValueError("guidance_scale != 1 needs a class-conditional teacher with num_classes")
+            raise ValueError("guidance_scale != 1 needs a class-conditional teacher with num_classes "
+                             "(or prompts encoded with their empty-prompt embedding)")
         return classes
 
     def sample_times(self, sampler, n: int) -> Tensor:
@@ -291,6 +354,7 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        batch = self.prepare_batch(batch)
         self._check_batch(batch)
         self.generator_stepped = False
         if self.uses_critic:
@@ -312,6 +376,7 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
                              f"{tuple(shape)}")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch = self.prepare_batch(batch)
         self._check_batch(batch)
         losses = self.generator_loss(batch)
         self.log("val/generator/loss", losses["loss"].detach().float(), sync_dist=True)

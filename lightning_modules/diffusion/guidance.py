@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..conditioning.condition import concat_conditions
 from .schedules import broadcast_to_data
 
 
@@ -21,6 +22,6 @@ def classifier_free_guidance(denoiser, x_t: Tensor, t: Tensor, cond: Tensor | No
     """Guided prediction of ``denoiser`` with both branches in one batched call; returns ``prediction`` space."""
     if cond is None or (not torch.is_tensor(scale) and scale == 1.0):
         return denoiser(x_t, t, cond, prediction=prediction)
-    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null_cond]), prediction="x0")
+    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_conditions(cond, null_cond), prediction="x0")
     x0 = guided_x0(*both.chunk(2), scale)
     return denoiser.convert(x0, "x0", prediction, x_t, t)

@@ -390,7 +390,8 @@ class DisBack(DMD2):
     def path_x0(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance_scale=None) -> Tensor:
         """The current path node's x0 estimate, guided like the teacher (the path network inherits its null label)."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        null = None if cond is None else torch.full_like(cond, self._null_label())
+        guided = cond is not None and (torch.is_tensor(scale) or scale != 1.0)
+        null = self.unconditional(cond) if guided else None
         return classifier_free_guidance(self.path_network, x_t, t, cond, null, scale)
 
     def teacher_x0(self, x_t, t, cond, guidance_scale=None):

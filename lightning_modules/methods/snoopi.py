@@ -53,9 +53,9 @@ class SNOOPI(VSD):
         if not self.guide_critic:
             raise ValueError("SNOOPI (PG-SB) guides the teacher and the critic with the same scale; "
                              "guide_critic must be true")
-        if not getattr(self.teacher, "num_classes", 0):
-            raise ValueError("SNOOPI needs a class-conditional teacher (num_classes > 0): its guidance uses the null "
-                             "label num_classes")
+        if not (getattr(self.teacher, "num_classes", 0) or self.teacher.text_conditioned):
+            raise ValueError("SNOOPI needs a conditional teacher (class labels with num_classes > 0, or prompts): its "
+                             "guidance needs an unconditional branch")
         self.guidance_scale_range = (float(guidance_scale_range[0]), float(guidance_scale_range[1]))
 
     def sample_guidance_scale(self) -> float:
@@ -68,8 +68,8 @@ class SNOOPI(VSD):
 
     def generator_loss(self, batch):
         if batch.get("cond") is None:
-            raise ValueError("SNOOPI guides with class labels: use a conditional datamodule (e.g. conditional: true), "
-                             "got a batch without 'cond'")
+            raise ValueError("SNOOPI guides with conditions: use a conditional datamodule (conditional: true, or a "
+                             "PromptDataModule), got a batch without 'cond'")
         return super().generator_loss(batch)
 
     @torch.no_grad()

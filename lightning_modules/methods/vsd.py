@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..conditioning.condition import TextCondition, drop_conditions
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.schedules import broadcast_to_data
 from ..diffusion.time_samplers import KarrasRampTime
@@ -105,8 +106,7 @@ class VSD(DMD2):
         """The critic's x0 estimate, guided like the teacher when ``guide_critic`` (SwiftBrush), else unguided."""
         if not self.guide_critic or cond is None or guidance_scale == 1.0:
             return self.critic(x_t, t, cond)
-        null = torch.full_like(cond, self._null_label())
-        return classifier_free_guidance(self.critic, x_t, t, cond, null, guidance_scale)
+        return classifier_free_guidance(self.critic, x_t, t, cond, self.unconditional(cond), guidance_scale)
 
     def matching_gradient(self, x_g, x0_real, x0_fake, x_t, t, cond):
         """g = w_x0(t) (F - T) (Eq. 9 in x0 space), or DMD2's normalised direction."""
@@ -131,10 +131,12 @@ class VSD(DMD2):
     def drop_labels(self, cond):
         """Replace each label by the null label with probability ``critic_label_dropout`` (SwiftBrush trains its LoRA
         with 10% empty prompts), so the critic also learns the student's unconditional score for guidance."""
-        if cond is None or self.critic_label_dropout == 0.0 or not getattr(self.teacher, "num_classes", 0):
-            return cond  # no labels, or conditions that are not class labels (encoder states have no null label)
-        drop = torch.rand(cond.shape[0], device=cond.device) < self.critic_label_dropout
-        return torch.where(drop, torch.full_like(cond, self._null_label()), cond)
+        if cond is None or self.critic_label_dropout == 0.0:
+            return cond
+        if not isinstance(cond, TextCondition) and not getattr(self.teacher, "num_classes", 0):
+            return cond  # raw encoder states without an unconditional embedding: nothing to drop to
+        drop = torch.rand(len(cond), device=cond.device) < self.critic_label_dropout
+        return drop_conditions(cond, drop, None if isinstance(cond, TextCondition) else self._null_label())
 
     def critic_loss(self, batch):
         with torch.no_grad():

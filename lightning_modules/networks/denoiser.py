@@ -15,6 +15,9 @@ from ..diffusion.schedules import NoiseSchedule
 
 
 class Denoiser(nn.Module):
+    #: True for networks conditioned on encoded prompts (a ``TextCondition``) rather than class labels
+    text_conditioned: bool = False
+
     def __init__(self, schedule: NoiseSchedule | None = None, prediction_type: str = "x0"):
         super().__init__()
         self.schedule = schedule

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..conditioning.condition import TextCondition
 from ..diffusion.schedules import NoiseSchedule
 from .denoiser import Denoiser
 from .preconditioning import edm_precondition
@@ -25,17 +26,24 @@ class FourierFeatures(nn.Module):
 
 class ToyMLPDenoiser(Denoiser):
     """x0-predicting MLP with EDM preconditioning, optional class conditioning (label ``num_classes`` = null for CFG)
-    and optional dropout (for the shared-dropout-mask subtlety of CD / Diff-Instruct)."""
+    or prompt conditioning (``condition_dim`` > 0: a linear embedding of a ``TextCondition``'s pooled vector), and
+    optional dropout (for the shared-dropout-mask subtlety of CD / Diff-Instruct)."""
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0,
-                 sigma_data: float = 0.5, boundary_condition: bool = False, schedule: NoiseSchedule | None = None):
+                 sigma_data: float = 0.5, boundary_condition: bool = False, schedule: NoiseSchedule | None = None,
+                 condition_dim: int = 0):
         super().__init__(schedule, prediction_type="x0")
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"ToyMLPDenoiser needs positive sizes, got dim={dim}, hidden={hidden}, depth={depth}")
+        if num_classes > 0 and condition_dim > 0:
+            raise ValueError("ToyMLPDenoiser conditions on class labels (num_classes) or prompts (condition_dim), "
+                             "not both")
         self.dim, self.num_classes, self.sigma_data = dim, num_classes, sigma_data
         self.boundary_condition = boundary_condition
         self.noise_embedding = FourierFeatures(64)
         self.class_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        self.condition_dim = condition_dim
+        self.condition_embedding = nn.Linear(condition_dim, hidden) if condition_dim > 0 else None
         self.input = nn.Linear(dim + 64, hidden)
         layers = []
         for _ in range(depth - 1):
@@ -55,6 +63,11 @@ class ToyMLPDenoiser(Denoiser):
         if self.class_embedding is not None:
             labels = torch.full((x.shape[0],), self.num_classes, device=x.device) if cond is None else cond
             h = h + self.class_embedding(labels.long())
+        if self.condition_embedding is not None and cond is not None:
+            if not isinstance(cond, TextCondition) or cond.pooled is None:
+                raise ValueError("a prompt-conditioned ToyMLPDenoiser (condition_dim > 0) needs a TextCondition with "
+                                 f"a pooled embedding, got {type(cond).__name__}")
+            h = h + self.condition_embedding(cond.pooled.to(h.dtype))
         return self.output(self.body(h))
 
     def predict(self, x_t, t, cond):

@@ -1,0 +1,147 @@
+"""The condition a batch carries, and the few operations every method needs on it, whatever its kind.
+
+Two kinds exist:
+  * class labels: a (B,) long tensor; the unconditional label is the teacher's ``num_classes`` (the label dropped to
+    during teacher training);
+  * encoded prompts: a ``TextCondition``, which carries its own unconditional counterpart -- the embedding of the
+    empty prompt, or of the negative prompt when one is given -- so classifier-free guidance (Ho & Salimans 2022,
+    Eq. 6) and label dropout need no knowledge of the encoder that made it.
+
+Methods never branch on the kind: they call ``unconditional``, ``concat_conditions``, ``drop_conditions`` and
+``select_conditions``, which dispatch here. This keeps the conditioning layer below the methods.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextCondition:
+    """Encoded prompts for one batch.
+
+    ``embeds``: (B, L, C) per-token states (UNet ``encoder_hidden_states``; T5 / CLIP last hidden states);
+    ``pooled``: (B, P) pooled embedding where the backbone takes one (SDXL ``text_embeds``, SD3 ``pooled_projections``);
+    ``mask``: (B, L) attention mask of the tokens (1 = real token), where the backbone uses one (PixArt / SANA / T5);
+    ``null_embeds`` / ``null_pooled`` / ``null_mask``: the same for the unconditional branch of CFG (the empty
+    prompt, or the negative prompt), one row per sample;
+    ``guidance``: (B,) guidance scale fed to guidance-embedded students (LCM, Flux-dev); None for others.
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    mask: Tensor | None = None
+    null_embeds: Tensor | None = None
+    null_pooled: Tensor | None = None
+    null_mask: Tensor | None = None
+    guidance: Tensor | None = None
+
+    def __post_init__(self):
+        if self.embeds.ndim != 3:
+            raise ValueError(f"TextCondition.embeds must be (batch, tokens, channels), got {tuple(self.embeds.shape)}")
+        batch = self.embeds.shape[0]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and field.name != "embeds" and value.shape[0] != batch:
+                raise ValueError(f"TextCondition.{field.name} has batch {value.shape[0]}, embeds has {batch}")
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeds.device
+
+    def map(self, fn) -> "TextCondition":
+        """Apply ``fn`` to every tensor field (None stays None)."""
+        return TextCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                for f in dataclasses.fields(self)})
+
+    def to(self, *args, **kwargs) -> "TextCondition":
+        return self.map(lambda tensor: tensor.to(*args, **kwargs))
+
+    def unconditional(self) -> "TextCondition":
+        """The condition of CFG's unconditional branch (its own null stays its null)."""
+        if self.null_embeds is None:
+            raise ValueError("this TextCondition has no unconditional embedding (null_embeds); encode it with a "
+                             "TextEncoder.condition(...) call, which adds the empty or negative prompt's embedding")
+        return TextCondition(self.null_embeds, self.null_pooled, self.null_mask, self.null_embeds, self.null_pooled,
+                             self.null_mask, self.guidance)
+
+    def with_guidance(self, scale: Tensor | float) -> "TextCondition":
+        """The same prompts with a guidance scale embedded (guidance-distilled students)."""
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device).expand(len(self)).clone()
+        return dataclasses.replace(self, guidance=scale)
+
+
+Condition = Union[Tensor, TextCondition, None]
+
+
+def condition_batch_size(cond: Condition) -> int | None:
+    return None if cond is None else len(cond)
+
+
+def unconditional(cond: Condition, null_label: int | None = None) -> Condition:
+    """The unconditional counterpart of ``cond``: the null label for class labels, the empty / negative prompt's
+    embedding for prompts."""
+    if cond is None:
+        return None
+    if isinstance(cond, TextCondition):
+        return cond.unconditional()
+    if null_label is None:
+        raise ValueError("class-label guidance needs a class-conditional teacher with num_classes (the null label)")
+    return torch.full_like(cond, null_label)
+
+
+def concat_conditions(first: Condition, second: Condition) -> Condition:
+    """Row-wise concatenation (the two branches of CFG in one batched call)."""
+    if first is None and second is None:
+        return None
+    if isinstance(first, TextCondition) != isinstance(second, TextCondition) or first is None or second is None:
+        raise TypeError(f"cannot concatenate conditions of kinds {type(first).__name__} and {type(second).__name__}")
+    if isinstance(first, TextCondition):
+        values = {}
+        for field in dataclasses.fields(TextCondition):
+            a, b = getattr(first, field.name), getattr(second, field.name)
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot concatenate TextConditions: only one has {field.name}")
+            values[field.name] = None if a is None else torch.cat([a, _pad_tokens_like(b, a)])
+        return TextCondition(**values)
+    return torch.cat([first, second])
+
+
+def _pad_tokens_like(tensor: Tensor, like: Tensor) -> Tensor:
+    if tensor.ndim >= 2 and like.ndim == tensor.ndim and tensor.shape[1] != like.shape[1]:
+        raise ValueError(f"cannot concatenate token sequences of lengths {tensor.shape[1]} and {like.shape[1]}; "
+                         "encode both with the same max_length")
+    return tensor
+
+
+def select_conditions(cond: Condition, rows: Tensor) -> Condition:
+    """The conditions of ``rows`` (an index or boolean mask)."""
+    if cond is None:
+        return None
+    if isinstance(cond, TextCondition):
+        return cond.map(lambda tensor: tensor[rows])
+    return cond[rows]
+
+
+def drop_conditions(cond: Condition, drop: Tensor, null_label: int | None = None) -> Condition:
+    """Replace the rows where ``drop`` is True by the unconditional condition (label / caption dropout)."""
+    if cond is None or not bool(drop.any()):
+        return cond
+    null = unconditional(cond, null_label)
+    if isinstance(cond, TextCondition):
+        def pick(kept: Tensor | None, dropped: Tensor | None) -> Tensor | None:
+            if kept is None:
+                return None
+            mask = drop.to(kept.device).reshape(-1, *([1] * (kept.ndim - 1)))
+            return torch.where(mask, dropped.to(kept.dtype), kept)
+        return TextCondition(pick(cond.embeds, null.embeds), pick(cond.pooled, null.pooled),
+                             pick(cond.mask, null.mask), cond.null_embeds, cond.null_pooled, cond.null_mask,
+                             cond.guidance)
+    return torch.where(drop.to(cond.device), null, cond)
