@@ -29,7 +29,9 @@ class TextCondition:
     ``mask``: (B, L) attention mask of the tokens (1 = real token), where the backbone uses one (PixArt / SANA / T5);
     ``null_embeds`` / ``null_pooled`` / ``null_mask``: the same for the unconditional branch of CFG (the empty
     prompt, or the negative prompt), one row per sample;
-    ``guidance``: (B,) guidance scale fed to guidance-embedded students (LCM, Flux-dev); None for others.
+    ``guidance``: (B,) guidance scale fed to guidance-embedded students (LCM, Flux-dev); None for others;
+    ``labels``: (B,) class / concept id of each prompt where the prompt set defines one (e.g. the digit an MNIST
+    caption asks for); methods defined over a partition of the conditions use it (MSD routes by it, SFD forgets by it).
     """
 
     embeds: Tensor
@@ -39,6 +41,7 @@ class TextCondition:
     null_pooled: Tensor | None = None
     null_mask: Tensor | None = None
     guidance: Tensor | None = None
+    labels: Tensor | None = None
 
     def __post_init__(self):
         if self.embeds.ndim != 3:
@@ -70,7 +73,7 @@ class TextCondition:
             raise ValueError("this TextCondition has no unconditional embedding (null_embeds); encode it with a "
                              "TextEncoder.condition(...) call, which adds the empty or negative prompt's embedding")
         return TextCondition(self.null_embeds, self.null_pooled, self.null_mask, self.null_embeds, self.null_pooled,
-                             self.null_mask, self.guidance)
+                             self.null_mask, self.guidance, self.labels)
 
     def with_guidance(self, scale: Tensor | float) -> "TextCondition":
         """The same prompts with a guidance scale embedded (guidance-distilled students)."""
@@ -83,6 +86,18 @@ Condition = Union[Tensor, TextCondition, None]
 
 def condition_batch_size(cond: Condition) -> int | None:
     return None if cond is None else len(cond)
+
+
+def condition_labels(cond: Condition, what: str = "this method") -> Tensor:
+    """The class / concept id of each condition: the labels themselves, or a TextCondition's ``labels``."""
+    if isinstance(cond, TextCondition):
+        if cond.labels is None:
+            raise ValueError(f"{what} needs a class / concept id per prompt (TextCondition.labels): give the prompt "
+                             "file a label column (PromptDataModule label_column)")
+        return cond.labels
+    if cond is None:
+        raise ValueError(f"{what} needs class labels or labelled prompts in the batch, got none")
+    return cond
 
 
 def unconditional(cond: Condition, null_label: int | None = None) -> Condition:
@@ -141,7 +156,6 @@ def drop_conditions(cond: Condition, drop: Tensor, null_label: int | None = None
                 return None
             mask = drop.to(kept.device).reshape(-1, *([1] * (kept.ndim - 1)))
             return torch.where(mask, dropped.to(kept.dtype), kept)
-        return TextCondition(pick(cond.embeds, null.embeds), pick(cond.pooled, null.pooled),
-                             pick(cond.mask, null.mask), cond.null_embeds, cond.null_pooled, cond.null_mask,
-                             cond.guidance)
+        return dataclasses.replace(cond, embeds=pick(cond.embeds, null.embeds), pooled=pick(cond.pooled, null.pooled),
+                                   mask=pick(cond.mask, null.mask))
     return torch.where(drop.to(cond.device), null, cond)

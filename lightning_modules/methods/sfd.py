@@ -37,11 +37,13 @@ too, for the comparison), and ``forgetting_target_law`` is the exact law an SFD 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ..conditioning.condition import TextCondition, condition_labels, select_conditions
 from ..networks.gaussian_mixture import GaussianMixture
 from .sid import SiD, sid_generator_loss
 
@@ -60,13 +62,18 @@ def _as_classes(values, name: str, kind: str, num_classes: int) -> list[int]:
 
 class SFD(SiD):
     def __init__(self, *args, forget_classes: Sequence[int] = (), override_classes: Sequence[int] | None = None,
-                 forget_weight: float = 1.0, critic_forget_weight: float = 1.0, **kwargs):
+                 forget_weight: float = 1.0, critic_forget_weight: float = 1.0, num_concepts: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        num_classes = int(getattr(self.teacher, "num_classes", 0) or 0)
+        prompted = self.teacher.text_conditioned
+        if prompted and num_concepts is None:
+            raise ValueError("SFD on a prompt-conditioned teacher needs num_concepts (the number of concept ids in "
+                             "the prompts' label column)")
+        num_classes = int(num_concepts if prompted else (getattr(self.teacher, "num_classes", 0) or 0))
         if num_classes < 2:
-            raise ValueError(f"SFD needs a class-conditional teacher with at least 2 classes, got num_classes="
-                             f"{num_classes}")
-        if not (getattr(self.student, "num_classes", 0) or 0):
+            raise ValueError(f"SFD needs a class-conditional teacher with at least 2 classes (or prompts of at least "
+                             f"2 concepts), got {num_classes}")
+        if not prompted and not (getattr(self.student, "num_classes", 0) or 0):
             raise ValueError("SFD needs a class-conditional student (e.g. ToyMLPDenoiser num_classes, or leave student "
                              "unset to copy the teacher)")
         forget = _as_classes(forget_classes, "forget_classes", "forget", num_classes)
@@ -95,11 +102,13 @@ class SFD(SiD):
         cond = batch.get("cond")
         if cond is None:
             raise ValueError("SFD needs class labels in the batch (a class-conditional datamodule, e.g. "
-                             "ToyMixtureDataModule conditional: true, or MNISTDataModule)")
+                             "ToyMixtureDataModule conditional: true, or MNISTDataModule), or labelled prompts")
+        condition_labels(cond, "SFD")  # prompts must carry their concept id
         return cond
 
-    def is_forgotten(self, cond: Tensor) -> Tensor:
-        return torch.isin(cond.long(), self._forget_table.to(cond.device))
+    def is_forgotten(self, cond) -> Tensor:
+        labels = condition_labels(cond, "SFD")
+        return torch.isin(labels.long(), self._forget_table.to(labels.device))
 
     def override_labels(self, cond: Tensor) -> Tensor:
         """One override class per sample: the fixed one, or a uniform draw from ``override_classes``."""
@@ -108,11 +117,28 @@ class SFD(SiD):
             return table.expand(cond.shape[0]).to(cond.dtype)
         return table[torch.randint(len(table), (cond.shape[0],), device=cond.device)].to(cond.dtype)
 
-    def teacher_labels(self, cond: Tensor) -> Tensor:
-        """o(c): the label the teacher's score is taken at (the override for forget classes, else c itself)."""
-        return torch.where(self.is_forgotten(cond), self.override_labels(cond), cond)
+    def teacher_labels(self, cond):
+        """o(c): the condition the teacher's score is taken at (the override for forget classes, else c itself).
 
-    def forget_weights(self, cond: Tensor, forget_weight: float) -> Tensor:
+        Prompts (concept forgetting): a forgotten prompt's teacher condition is the condition of a prompt of an
+        override concept drawn uniformly from the same batch -- the prompt-set analogue of the per-sample override
+        class draw (a batch without any prompt of an override concept is an error naming the concepts)."""
+        if not isinstance(cond, TextCondition):
+            return torch.where(self.is_forgotten(cond), self.override_labels(cond), cond)
+        forgotten = self.is_forgotten(cond)
+        if not forgotten.any():
+            return cond
+        candidates = torch.isin(cond.labels.long(), self._override_table.to(cond.device)).nonzero(as_tuple=True)[0]
+        if len(candidates) == 0:
+            raise ValueError(f"SFD: this batch has forgotten prompts but no prompt of an override concept "
+                             f"{self._override_table.tolist()}; use larger batches or more override prompts")
+        donors = candidates[torch.randint(len(candidates), (len(cond),), device=cond.device)]
+        source = torch.where(forgotten, donors, torch.arange(len(cond), device=cond.device))
+        override = select_conditions(cond, source)
+        return dataclasses.replace(override, null_embeds=cond.null_embeds, null_pooled=cond.null_pooled,
+                                   null_mask=cond.null_mask, guidance=cond.guidance)
+
+    def forget_weights(self, cond, forget_weight: float) -> Tensor:
         return torch.where(self.is_forgotten(cond), forget_weight, 1.0).to(torch.float64)
 
     # ------------------------------------------------------------------ losses

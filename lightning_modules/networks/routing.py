@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.schedules import NoiseSchedule
+from ..conditioning.condition import condition_labels, select_conditions
 from .denoiser import Denoiser
 
 
@@ -104,7 +105,8 @@ class ConditionRoutedStudents(Denoiser):
         if cond is None:
             raise ValueError("ConditionRoutedStudents needs class labels (cond) to route each sample to its student; "
                              "got cond=None (a routed student has no unconditional mode)")
-        labels = cond.long().reshape(-1)
+        # prompts route by their concept id (TextCondition.labels), class labels by themselves
+        labels = condition_labels(cond, "ConditionRoutedStudents").long().reshape(-1)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
             label = int(labels[bad][0])
@@ -124,7 +126,7 @@ class ConditionRoutedStudents(Denoiser):
             mine = (owners == index).nonzero(as_tuple=True)[0]
             if mine.numel() == 0:
                 continue  # a student with no sample in this batch is not called (and gets no gradient)
-            outputs.append(student(x_t[mine], t[mine], cond[mine], prediction=prediction))
+            outputs.append(student(x_t[mine], t[mine], select_conditions(cond, mine), prediction=prediction))
             positions.append(mine)
         gathered, positions = torch.cat(outputs), torch.cat(positions)
         # out-of-place scatter back to batch order: differentiable, each row written by exactly one student
