@@ -71,11 +71,27 @@ def export(args: list[str]) -> DistillCLI:
     parser.add_argument("--use_ema", type=_flag, default=True, help="export the StudentEMA average if the "
                         "checkpoint holds one (default true)")
     parser.add_argument("--overwrite", type=_flag, default=False, help="replace a non-empty export_dir")
+    parser.add_argument("--pipeline", type=_flag, default=False, help="write a full text-to-image diffusers pipeline "
+                        "(text encoder, tokenizer, VAE, student UNet, scheduler) that DiffusionPipeline.from_pretrained "
+                        "runs (see lightning_modules.export_pipeline)")
+    parser.add_argument("--text_encoder", default=None, help="with --pipeline: a pipeline or transformers folder "
+                        "holding the prompt encoder (default: the model's text encoder, else the embedded MiniLM)")
+    parser.add_argument("--vae", default=None, help="with --pipeline: an AutoencoderKL folder (default: the model's "
+                        "autoencoder)")
+    parser.add_argument("--nfe", type=int, default=None, help="with --pipeline: the steps the scheduler is set up for "
+                        "(default: the student's)")
     known, overrides = parser.parse_known_args(args)
+    if not known.pipeline and (known.text_encoder or known.vae or known.nfe is not None):
+        parser.error("--text_encoder, --vae and --nfe apply to --pipeline true only")
     cli = _build([arg for path in known.config for arg in ("-c", path)] + overrides, run=False)
     load_checkpoint_for_export(cli.model, known.ckpt_path, use_ema=known.use_ema)
     from lightning_modules.networks.routing import ConditionRoutedStudents
-    if isinstance(cli.model.student, ConditionRoutedStudents):  # MSD: one diffusers folder per student + routing
+    if known.pipeline:
+        from lightning_modules.export_pipeline import export_text_to_image_pipeline
+        folder = export_text_to_image_pipeline(cli.model, known.export_dir, text_encoder=known.text_encoder,
+                                               vae=known.vae, use_ema=known.use_ema, overwrite=known.overwrite,
+                                               nfe=known.nfe)
+    elif isinstance(cli.model.student, ConditionRoutedStudents):  # MSD: one diffusers folder per student + routing
         from lightning_modules.methods.msd import export_msd_students
         folder = export_msd_students(cli.model, known.export_dir, use_ema=known.use_ema, overwrite=known.overwrite)
     else:
