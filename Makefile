@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all demo demo-toy teacher classifier bench bench-toy bench-mnist tensorboard clean \
+.PHONY: install test test-all demo demo-t2i demo-toy teacher classifier bench bench-toy bench-mnist tensorboard clean \
 	gpu-check slurm-test
 
 $(STAMP): setup.cfg pyproject.toml
@@ -29,6 +29,11 @@ test-all: $(STAMP)
 ## the main job: distill the shipped MNIST teacher into a one-step DMD2 student, then write demo-output/report.md
 demo: $(STAMP)
 	$(PY) scripts/demo.py --out demo-output $(DEMO_ARGS)
+
+## the text-to-image main job: prompt-only one-step DMD2 distillation of the shipped MNIST latent text-to-image
+## teacher (assets/mnist-t2i) -> demo-t2i-output/report.md (FID, prompt adherence, CLIP score), samples, pipeline/
+demo-t2i: $(STAMP)
+	$(PY) scripts/demo_t2i.py --out demo-t2i-output $(DEMO_ARGS)
 
 ## the toy counterpart: DMD2 on the exact 8-mode-ring teacher, ground-truth metrics printed as it trains
 demo-toy: $(STAMP)
@@ -67,4 +72,4 @@ tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir lightning_logs --host 127.0.0.1 --port 6006
 
 clean:
-	rm -rf lightning_logs bench-results demo-output .pytest_cache
+	rm -rf lightning_logs bench-results demo-output demo-t2i-output .pytest_cache

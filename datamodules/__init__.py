@@ -4,3 +4,4 @@ from .toy import ToyMixtureDataModule
 from .images import ImageDataModule, LabelledImages, MNISTDataModule
 from .image_sources import DigitsDataModule, ImageFolderDataModule
 from .pairs import MNISTPairsDataModule, ToyMixturePairsDataModule
+from .prompts import PromptDataModule, read_prompts
