@@ -4,3 +4,4 @@ from .fid import FIDCallback
 from .ground_truth import GroundTruthMetrics
 from .samples import SampleImages
 from .ttur import TwoTimeScaleUpdate
+from .text_metrics import TextToImageMetrics

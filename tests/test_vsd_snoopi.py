@@ -377,7 +377,7 @@ def test_bad_config_values_raise_value_errors_naming_them():
                           ({"guide_critic": False}, "guide_critic")]:
         with pytest.raises(ValueError, match=match):
             SNOOPI(teacher=teacher, student=student(), **kwargs)
-    with pytest.raises(ValueError, match="class-conditional"):
+    with pytest.raises(ValueError, match="conditional teacher"):
         SNOOPI(teacher=_unet_teacher(dict(UNET_CONFIG, num_class_embeds=None)), lora_rank=2)
     with pytest.raises(ValueError, match="cond"):
         SNOOPI(teacher=teacher, student=student()).generator_loss({"noise": torch.randn(4, 2)})

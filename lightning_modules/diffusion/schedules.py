@@ -110,8 +110,14 @@ class VPDiscreteSchedule(NoiseSchedule):
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         elif beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        elif beta_schedule == "squaredcos_cap_v2":
+            # Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008; beta <= 0.999
+            steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+            alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         else:
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear' or 'scaled_linear'")
+            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear', 'scaled_linear' or "
+                             "'squaredcos_cap_v2'")
         self.num_train_timesteps, self.beta_start, self.beta_end = num_train_timesteps, beta_start, beta_end
         self.beta_schedule = beta_schedule
         self._alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)

@@ -9,3 +9,6 @@ from .discriminator import DiscriminatorHead
 from .denoiser import FeatureTap
 from .routing import ConditionRoutedStudents
 from .lora import LoRACritic
+from .autoencoder import LatentAutoencoder
+from .prompted_mixture import MixturePromptEncoder, PromptedMixtureTeacher
+from .transformer_teachers import PixArtTransformerDenoiser, SD3TransformerDenoiser
