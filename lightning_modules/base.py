@@ -11,6 +11,7 @@ Batch contract (see ``datamodules``): ``{"noise": (B, *shape), "cond": (B,) long
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +25,8 @@ from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
 from .warm_start import law_draw, regress_to_teacher
+
+log = logging.getLogger(__name__)
 
 
 class EvaluationNetworkMixin:
@@ -136,14 +139,15 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
 
     def _apply_memory_options(self, gradient_checkpointing: bool, attention_backend: str) -> None:
         """Gradient checkpointing on the trained networks; xformers attention when CUDA is present, else torch SDPA."""
-        try:  # TODO(lead): integration pending helper H7's memory.py
-            from .networks.memory import apply_memory_options
-        except ImportError:
-            return
+        from .networks.memory import apply_memory_options
+
         trained = [n for n in (self.student, self.critic) if n is not None]
-        for network in [self.teacher, *trained]:
-            apply_memory_options(network, gradient_checkpointing=gradient_checkpointing and network is not self.teacher,
-                                 attention=attention_backend)
+        backends = {apply_memory_options(network, gradient_checkpointing=gradient_checkpointing and network is not self.teacher,
+                                         attention=attention_backend) for network in [self.teacher, *trained]}
+        backends.discard(None)
+        if backends:
+            log.info("attention: %s%s", " + ".join(sorted(backends)),
+                     "; gradient checkpointing on the trained networks" if gradient_checkpointing else "")
 
     def _share_schedule(self, network: Denoiser, name: str) -> None:
         if network.schedule is None:
