@@ -64,7 +64,8 @@ def default_lora_targets(network: nn.Module) -> list[str]:
 
 class LoRACritic(Denoiser):
     def __init__(self, base: Denoiser, rank: int = 8, alpha: float | None = None,
-                 target_modules: Sequence[str] | str | None = None, dropout: float = 0.0, own_base: bool = False):
+                 target_modules: Sequence[str] | str | None = None, dropout: float = 0.0, own_base: bool = False,
+                 adapter_name: str = ADAPTER_NAME):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
@@ -90,7 +91,8 @@ class LoRACritic(Denoiser):
         # peft builds the LoRA layers inside the base (it matches names and dispatches on layer types) ...
         config = LoraConfig(r=rank, lora_alpha=self.alpha, lora_dropout=dropout, target_modules=self.target_modules,
                             init_lora_weights=True)   # A: Kaiming-uniform, B: zeros -> the critic starts as its base
-        inject_adapter_in_model(config, base, adapter_name=ADAPTER_NAME)
+        self.adapter_name = adapter_name               # "critic" for fake-score critics, "student" for LoRA students
+        inject_adapter_in_model(config, base, adapter_name=adapter_name)
         base.__dict__.pop("peft_config", None)         # the only attribute peft leaves on the model itself
         # ... and we move them out again: the base's tree gets its original layers back, the critic keeps the wrappers.
         self.adapters = nn.ModuleDict()
@@ -117,6 +119,10 @@ class LoRACritic(Denoiser):
     @property
     def data_shape(self):
         return self.base_network.data_shape
+
+    @property
+    def text_conditioned(self) -> bool:
+        return bool(getattr(self.base_network, "text_conditioned", False))
 
     def feature_module(self):
         return self.base_network.feature_module()
@@ -168,7 +174,7 @@ class LoRACritic(Denoiser):
     def reset_adapters(self) -> None:
         """LoRA B = 0 (SwiftBrush's initialisation): the critic's output equals its base network's again."""
         for _, layer in self.adapter_layers():
-            nn.init.zeros_(layer.lora_B[ADAPTER_NAME].weight)
+            nn.init.zeros_(layer.lora_B[self.adapter_name].weight)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A state dict of the base network's own keys (what ``DistillationModule.setup`` passes after the toy warm
