@@ -41,10 +41,10 @@ from datamodules.mnist_captions import all_prompts, mnist_captions  # noqa: E402
 
 IMAGE_SIZE = 32
 VAE_CONFIG = dict(in_channels=1, out_channels=1, latent_channels=4, sample_size=IMAGE_SIZE, layers_per_block=1,
-                  block_out_channels=(32, 64, 64), norm_num_groups=16,
+                  block_out_channels=(16, 32, 32), norm_num_groups=8,
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 UNET_CONFIG = dict(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-                   block_out_channels=(96, 192), norm_num_groups=32, cross_attention_dim=384,
+                   block_out_channels=(48, 96), norm_num_groups=16, cross_attention_dim=384,
                    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -219,10 +219,10 @@ def file_digest(path: str) -> dict:
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "assets", "mnist-t2i"))
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--unet-steps", type=int, default=12000)
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--clip-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate-only", action="store_true")
