@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## the test suite (CI runs this through .ci/run); about 12 minutes on 2 cores (597 tests)
+## the test suite (CI runs this through .ci/run); about 12-20 minutes on 2 cores (about 650 tests)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout 900 $(PYTEST_ARGS)
 
