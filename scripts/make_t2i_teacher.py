@@ -62,6 +62,12 @@ def padded(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (total // 2, total - total // 2) * 2, value=-1.0)
 
 
+def one_cycle(optimizer, max_lr: float, steps: int, warmup_fraction: float):
+    # OneCycleLR needs at least two warm-up steps (a one-step phase divides by zero), which short smoke runs lack
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps,
+                                               pct_start=max(warmup_fraction, 2.5 / steps))
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -73,7 +79,7 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int) -> t
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle(optimizer, 1e-3, steps, 0.05)
     generator = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     for step in range(steps):
@@ -146,11 +152,11 @@ def train_clip(images: torch.Tensor, caption_ids: torch.Tensor, prompts: list[st
     from lightning_modules.evaluation.clip_score import register_model_config
 
     torch.manual_seed(seed)
-    name = register_model_config({**CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS})
+    name = register_model_config(CLIP_CONFIG)
     model = open_clip.create_model(name, pretrained=None, force_preprocess_cfg=CLIP_PREPROCESS)
     tokens = open_clip.get_tokenizer(name)(prompts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    schedule = one_cycle(optimizer, 1e-3, steps, 0.1)
     generator = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     for step in range(steps):
@@ -219,9 +225,9 @@ def file_digest(path: str) -> dict:
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "assets", "mnist-t2i"))
-    parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=6000)
-    parser.add_argument("--clip-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--clip-steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
