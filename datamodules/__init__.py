@@ -5,3 +5,4 @@ from .images import ImageDataModule, LabelledImages, MNISTDataModule
 from .image_sources import DigitsDataModule, ImageFolderDataModule
 from .pairs import MNISTPairsDataModule, ToyMixturePairsDataModule
 from .prompts import PromptDataModule, read_prompts
+from .image_text import ImageTextDataModule

@@ -271,11 +271,8 @@ class PromptDataModule(LightningDataModule):
         if label_column and label_parser:
             raise ValueError("give label_column or label_parser, not both")
         self.prompt_file, self.val_prompt_file = prompt_file, val_prompt_file
-        self.prompts, labels = read_prompts(prompt_file, column, label_column, blank_lines)
-        if val_prompt_file is not None:
-            self.val_prompts, val_labels = read_prompts(val_prompt_file, column, label_column, blank_lines)
-        else:
-            self.val_prompts, val_labels = self.prompts, labels
+        self.prompts, labels, self.val_prompts, val_labels = self.read_prompt_files(
+            prompt_file, val_prompt_file, column, label_column, blank_lines)
         self.label_fn = _import(label_parser) if label_parser else None
         if self.label_fn is not None:
             labels = [int(self.label_fn(p)) for p in self.prompts]
@@ -287,6 +284,15 @@ class PromptDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self._text_encoder = text_encoder
         self.cache: EmbeddingCache | None = None
+
+    def read_prompt_files(self, prompt_file: str, val_prompt_file: str | None, column: str,
+                          label_column: str | None, blank_lines: str):
+        """(prompts, labels, validation prompts, validation labels); the validation set defaults to the training one.
+        Subclasses reading other files (``ImageTextDataModule``: image-caption pairs) override this."""
+        prompts, labels = read_prompts(prompt_file, column, label_column, blank_lines)
+        if val_prompt_file is None:
+            return prompts, labels, prompts, labels
+        return (prompts, labels, *read_prompts(val_prompt_file, column, label_column, blank_lines))
 
     @property
     def text_encoder(self) -> TextEncoder:

@@ -52,3 +52,30 @@ def test_attention_choice_and_bad_values_are_named():
     assert apply_memory_options(toy) is None  # nothing to change on a network without a diffusers backbone
     with pytest.raises(ValueError, match="ToyMLPDenoiser"):
         apply_memory_options(toy, gradient_checkpointing=True)
+
+
+def lora_generator_gradient(folder, checkpointing: bool):
+    torch.manual_seed(0)
+    module = DMD2(teacher=LatentTeacher(folder), guidance_scale=2.0, gradient_checkpointing=checkpointing,
+                  student_lora={"rank": 4, "alpha": 4})
+    module.train()
+    with torch.no_grad():  # adapters away from their zero start, so the LoRA path carries gradient and output
+        for name, p in module.student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    torch.manual_seed(1)
+    batch = {"noise": torch.randn(2, 4, 8, 8), "cond": random_condition(2)}
+    loss = module.generator_loss(batch)["loss"]
+    parameters = [p for p in module.generator_parameters()]
+    grads = torch.autograd.grad(loss, parameters)
+    return module, loss.detach(), torch.cat([g.flatten() for g in grads])
+
+
+def test_checkpointing_a_lora_student_recomputes_with_its_adapters(sd15):
+    """The LoRA student swaps its adapters into the shared teacher only during its forward; checkpointed blocks are
+    recomputed in backward, after that, so they must re-attach them: the gradient equals the plain one."""
+    module, loss, grad = lora_generator_gradient(sd15, True)
+    assert any(u.is_gradient_checkpointing for u in diffusers_backbones(module.teacher))
+    _, plain_loss, plain_grad = lora_generator_gradient(sd15, False)
+    assert torch.allclose(loss, plain_loss, rtol=1e-5, atol=1e-7)
+    assert plain_grad.norm() > 0 and torch.allclose(grad, plain_grad, rtol=1e-4, atol=1e-6)

@@ -143,7 +143,12 @@ class LoRACritic(Denoiser):
                 self._attach_depth -= 1
             return
         base, swapped = self.base_network, []
+        if "_backbones" not in self.__dict__:
+            from .memory import diffusers_backbones
+            self.__dict__["_backbones"] = diffusers_backbones(base)
         try:
+            for backbone in self.__dict__["_backbones"]:  # read by memory.adapter_aware_checkpoint's recomputation
+                backbone.__dict__["_attached_lora"] = self
             for path, layer in self.adapter_layers():
                 parent_path, _, child = path.rpartition(".")
                 parent = base.get_submodule(parent_path)
@@ -156,6 +161,8 @@ class LoRACritic(Denoiser):
             yield
         finally:
             self._attach_depth = 0
+            for backbone in self.__dict__["_backbones"]:
+                backbone.__dict__.pop("_attached_lora", None)
             for parent, child, original in reversed(swapped):
                 parent._modules[child] = original
 

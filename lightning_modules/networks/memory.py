@@ -42,17 +42,37 @@ def resolve_attention(attention: str) -> str:
     return "xformers"
 
 
+def adapter_aware_checkpoint(backbone: nn.Module):
+    """diffusers' ``gradient_checkpointing_func`` for a backbone that LoRA networks adapt by swapping their layers in
+    for the duration of a forward (``LoRACritic.attached``): the recomputation in backward runs after the swap has
+    ended, so it re-attaches the adapters that were in place at forward time (``torch.utils.checkpoint``'s
+    ``context_fn``); without this it would recompute the block without them and return wrong gradients."""
+    import contextlib
+
+    import torch.utils.checkpoint
+
+    def checkpoint(module, *args):
+        owner = backbone.__dict__.get("_attached_lora")
+        recompute = owner.attached if owner is not None else contextlib.nullcontext
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (contextlib.nullcontext(), recompute()))
+    return checkpoint
+
+
 def apply_memory_options(network: nn.Module, gradient_checkpointing: bool = False, attention: str = "auto") -> str | None:
     """Apply the options to every diffusers backbone of ``network``; returns the attention backend used (None when
-    the network has no diffusers backbone)."""
+    the network has no diffusers backbone). A LoRA network's backbones are those of its base network (for a LoRA
+    student, the shared frozen teacher: checkpointing only acts where gradients flow, so the teacher's own no-grad
+    forwards are unchanged)."""
     backend = resolve_attention(attention)
-    backbones = diffusers_backbones(network)
+    base = getattr(network, "base_network", None)
+    backbones = diffusers_backbones(base if base is not None else network)
     if gradient_checkpointing and not any(getattr(b, "_supports_gradient_checkpointing", False) for b in backbones):
         raise ValueError(f"gradient_checkpointing=True, but {type(network).__name__} has no diffusers backbone that "
                          "supports it")
     for backbone in backbones:
         if gradient_checkpointing and getattr(backbone, "_supports_gradient_checkpointing", False):
-            backbone.enable_gradient_checkpointing()
+            backbone.enable_gradient_checkpointing(adapter_aware_checkpoint(backbone))
         if backend == "xformers":
             try:
                 backbone.enable_xformers_memory_efficient_attention()
