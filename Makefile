@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all demo demo-t2i demo-toy teacher classifier bench bench-toy bench-mnist tensorboard clean \
+.PHONY: install test test-all demo demo-t2i demo-toy teacher teacher-t2i classifier bench bench-toy bench-mnist \
+	bench-t2i tensorboard clean \
 	gpu-check slurm-test
 
 $(STAMP): setup.cfg pyproject.toml
@@ -43,6 +44,11 @@ demo-toy: $(STAMP)
 teacher: $(STAMP)
 	$(PY) scripts/make_teacher.py
 
+## retrain the text-to-image MNIST teacher -- VAE, text-conditioned latent UNet, tiny open_clip -- into
+## assets/mnist-t2i with its card (about 50 minutes of training on 2 CPU cores, then the card's NFE sweep)
+teacher-t2i: $(STAMP)
+	$(PY) scripts/make_t2i_teacher.py $(TEACHER_ARGS)
+
 ## (re)train the fast FID feature network (the shipped one: assets/mnist-classifier)
 classifier: $(STAMP)
 	$(PY) scripts/train_mnist_classifier.py --force
@@ -55,7 +61,12 @@ bench-toy: $(STAMP)
 bench-mnist: $(STAMP)
 	$(PY) benchmarks/image_methods.py --output bench-results $(BENCH_ARGS)
 
-bench: bench-toy bench-mnist
+## text-to-image memory options on the shipped SD-layout teacher: full vs LoRA, AdamW vs 8-bit AdamW, with vs without
+## gradient checkpointing -> bench-results/t2i.{json,md} (s/iteration, state and activation bytes, ratios)
+bench-t2i: $(STAMP)
+	$(PY) benchmarks/t2i.py --output bench-results $(BENCH_ARGS)
+
+bench: bench-toy bench-mnist bench-t2i
 
 ## GPU check, not part of CI (needs one CUDA GPU; < 5 min on an H100): DMD2 + consistency distillation on a
 ## CIFAR-sized diffusers UNet in bf16 -> it/s, peak memory, overhead ratio; non-zero exit on any failure.

@@ -38,8 +38,8 @@ CONFIG = os.path.join(ROOT, "experiments", "mnist_t2i", "dmd2.yaml")
 ROWS = [("full / AdamW / no ckpt", "full", "adamw", False),
         ("full / AdamW / ckpt", "full", "adamw", True),
         ("full / AdamW8bit / no ckpt", "full", "adamw8bit", False),
-        ("LoRA r8 / AdamW / no ckpt", "lora", "adamw", False),
-        ("LoRA r8 / AdamW8bit / ckpt", "lora", "adamw8bit", True)]
+        ("LoRA r8 student+critic / AdamW / no ckpt", "lora", "adamw", False),
+        ("LoRA r8 student+critic / AdamW8bit / ckpt", "lora", "adamw8bit", True)]
 OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 
 

@@ -16,6 +16,15 @@ and exits non-zero if anything fails (an exception, a non-finite loss, a ratio a
     python scripts/gpu_check.py --tiny --device cpu     # a dry run on CPU (small UNet; what CI-less checks use)
     python scripts/gpu_check.py --tiny --device cpu --methods dmd2,sid --precision 32-true   # CPU overhead ratios
 
+    python scripts/gpu_check.py --text-to-image         # the text-to-image mode (below)
+    python scripts/gpu_check.py --text-to-image --device cpu --tiny   # its dry run
+
+Text-to-image mode: DMD2 through ``experiments/mnist_t2i/dmd2.yaml`` on the shipped tiny SD-architecture latent
+teacher (assets/mnist-t2i: UNet2DConditionModel with cross-attention, AutoencoderKL, MiniLM prompt embeddings cached
+on the CPU), once with a full student and critic and once with LoRA student + critic, bitsandbytes 8-bit AdamW and
+gradient checkpointing; ``--precision`` (bf16-mixed on CUDA), attention through xformers when it imports on CUDA,
+else torch SDPA (the backend used is printed). Prints it/s, peak memory, the backend and the final losses.
+
 Sized for well under 5 minutes on one H100 (two methods x (fit of --steps batches + timing of single passes)).
 """
 from __future__ import annotations
@@ -256,6 +265,57 @@ def check(method: str, args, device: torch.device) -> dict:
     return result
 
 
+T2I_VARIANTS = {
+    "dmd2-t2i": [],
+    "dmd2-t2i-lora-8bit-ckpt": ['--model.init_args.student_lora={"rank": 8, "alpha": 8}',
+                                "--model.init_args.gradient_checkpointing=true",
+                                "--model.init_args.generator_optimizer=bitsandbytes.optim.AdamW8bit",
+                                "--model.init_args.critic_optimizer=bitsandbytes.optim.AdamW8bit"],
+}
+
+
+def check_text_to_image(variant: str, args, device: torch.device) -> dict:
+    """One text-to-image variant (see the module docstring) as a Lightning fit through the CLI config."""
+    import tempfile
+
+    from lightning_modules.cli import main as cli_main
+    from lightning_modules.networks.memory import resolve_attention
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    timer = BatchTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = ["--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                     "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+                     f"--trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "--trainer.devices=1",
+                     f"--trainer.precision={args.precision}", f"--trainer.max_steps={2 * (args.steps + args.warmup)}",
+                     f"--trainer.default_root_dir={tmp}", f"--data.init_args.batch_size={args.batch}",
+                     f"--data.init_args.cache_dir={os.path.join(tmp, 'cache')}",
+                     "--model.init_args.attention_backend=auto", *T2I_VARIANTS[variant]]
+        cli = cli_main(["-c", os.path.join(root, "experiments", "mnist_t2i", "dmd2.yaml"), *overrides], run=False)
+        cli.trainer.callbacks.append(timer)
+        params = sum(p.numel() for p in cli.model.generator_parameters())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, cli.datamodule)
+        fit_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    steady = timer.times[args.warmup:]  # each batch: one critic and one generator update (no TTUR callback)
+    if not steady:
+        raise RuntimeError("no steady-state batches timed; raise --steps")
+    for losses in timer.losses:
+        for key, value in losses.items():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{variant}: {key} = {value}")
+    batch_time = statistics.median(steady)
+    return {"method": variant, "device": str(device), "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else "cpu", "precision": args.precision, "batch": args.batch,
+            "trainable_parameters": params, "attention": resolve_attention("auto"), "batches_timed": len(steady),
+            "iterations_per_second": 1 / batch_time, "batch_seconds_median": batch_time, "fit_seconds": fit_seconds,
+            "peak_memory_gib": None if peak is None else peak / 2 ** 30,
+            "final_losses": timer.losses[-1] if timer.losses else {}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="dmd2,cd", help="comma list of dmd2, sid, cd (default dmd2,cd)")
@@ -270,6 +330,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--max-ratio", type=float, default=None, help="fail when an overhead ratio exceeds this")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--text-to-image", action="store_true",
+                        help="the text-to-image mode on the shipped tiny SD-architecture teacher (see the docstring)")
     args = parser.parse_args(argv)
     args.batch = args.batch or (8 if args.tiny else 64)
     args.steps = args.steps or (12 if args.tiny else 60)
@@ -289,9 +351,10 @@ def main(argv=None) -> int:
         args.precision = default_precision("cuda" if device.type == "cuda" else "cpu") \
             if device.type == "cuda" else "32-true"
     results, failed = [], False
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    methods = list(T2I_VARIANTS) if args.text_to_image else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
         try:
-            result = check(method, args, device)
+            result = check_text_to_image(method, args, device) if args.text_to_image else check(method, args, device)
         except Exception:  # report every method, then fail
             traceback.print_exc()
             print(f"gpu-check: {method} FAILED", file=sys.stderr)
@@ -299,6 +362,12 @@ def main(argv=None) -> int:
             continue
         results.append(result)
         peak = "n/a (CPU)" if result["peak_memory_gib"] is None else f"{result['peak_memory_gib']:.2f} GiB"
+        if args.text_to_image:
+            print(f"{method} {result['device_name']} {result['precision']} batch {result['batch']} "
+                  f"({result['trainable_parameters'] / 1e6:.2f}M trainable, attention {result['attention']}): "
+                  f"{result['iterations_per_second']:.2f} it/s (one critic + one generator update each), peak memory "
+                  f"{peak}, losses {result['final_losses']}", flush=True)
+            continue
         clock = "CPU-time " if CLOCK is time.process_time else ""
         print(f"{method:5s} {result['device_name']} {result['precision']} batch {result['batch']} "
               f"({result['student_parameters'] / 1e6:.2f}M-parameter student): "
