@@ -87,11 +87,10 @@ def _affine_module(method_cls, **kwargs):
 
 
 def _independent_ratio(log_ratio, sigma_edm, decay, num_bins=10, bound=10.0, low=0.1, high=20.0):
-    """clip(exp(clamp(log r))) divided by its bin mean after one EMA step from 1 (bins on the rho = 7 ramp); keeps the
-    autograd graph of log_ratio."""
+    """clip(exp(clamp(log r))) divided by its bin mean after one EMA step from 1 (bins: equal slices of sigma in
+    [0.002, 80], the release's default); keeps the autograd graph of log_ratio."""
     r = log_ratio.clamp(-bound, bound).exp().clamp(low, high)
-    top, bottom = 80.0 ** (1 / 7), 0.002 ** (1 / 7)
-    bins = ((sigma_edm ** (1 / 7) - top) / (bottom - top) * num_bins).floor().long().clamp(0, num_bins - 1)
+    bins = ((sigma_edm - 0.002) / (80.0 - 0.002) * num_bins).floor().long().clamp(0, num_bins - 1)
     means = torch.ones(num_bins, dtype=torch.float64)
     for b in range(num_bins):
         inside = bins == b
@@ -262,7 +261,8 @@ def test_ratio_bin_means_are_buffers_that_survive_a_checkpoint(tmp_path):
 
 
 def test_ratio_normaliser_ema_and_bins():
-    normaliser = TimeBinnedRatioNormalizer(EDMSchedule(), num_bins=4, ema_decay=0.75)
+    # the Karras-ramp bins (bin 0 at sigma_max); the default equal-sigma bins are pinned in test_reference_fidelity.py
+    normaliser = TimeBinnedRatioNormalizer(EDMSchedule(), num_bins=4, ema_decay=0.75, spacing="karras_ramp")
     sigmas = torch.tensor([80.0, 79.0, 0.002, 0.0021], dtype=torch.float64)
     bins = normaliser.bin_index(sigmas)
     assert bins.tolist() == [0, 0, 3, 3]

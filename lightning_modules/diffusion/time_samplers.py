@@ -38,6 +38,36 @@ class UniformTime(TimeSampler):
         return self._clamp(lo + (hi - lo) * u, schedule)
 
 
+class DiscreteUniformTime(TimeSampler):
+    """Integer timestep uniform on {floor(lo N), ..., min(floor(hi N), N - 1)} of a discrete schedule with N steps.
+
+    This is the draw of DMD2's released Stable-Diffusion code (Yin et al. 2024, github.com/tianweiy/DMD2,
+    ``main/sd_guidance.py``): the distribution-matching loss takes ``randint(min_step, max_step + 1)`` with
+    min_step = int(0.02 N) = 20 and max_step = int(0.98 N) = 980 of N = 1000 (lo=0.02, hi=0.98), and the fake unet's
+    denoising loss ``randint(0, N)``, every timestep 0..999 (lo=0, hi=1). Unlike ``UniformTime`` on a discrete
+    schedule (a continuous draw rounded to the nearest index, whose end points get half the mass), every timestep of
+    the range is equally likely. Continuous schedules have no timestep grid: an error."""
+
+    def __init__(self, low_fraction: float = 0.0, high_fraction: float = 1.0):
+        if not 0.0 <= low_fraction < high_fraction <= 1.0:
+            raise ValueError(f"need 0 <= low_fraction < high_fraction <= 1, got {low_fraction}, {high_fraction}")
+        self.low_fraction, self.high_fraction = low_fraction, high_fraction
+
+    def steps(self, schedule: NoiseSchedule) -> tuple[int, int]:
+        """(first, last) timestep of the range, both included."""
+        if not schedule.is_discrete:
+            raise ValueError(f"DiscreteUniformTime needs a discrete-time schedule; {type(schedule).__name__} is "
+                             "continuous (use UniformTime or KarrasRampTime)")
+        count = int(round(schedule.t_max - schedule.t_min)) + 1
+        first = int(schedule.t_min) + int(self.low_fraction * count)
+        last = int(schedule.t_min) + min(int(self.high_fraction * count), count - 1)
+        return first, last
+
+    def __call__(self, n, schedule, generator=None, device="cpu"):
+        first, last = self.steps(schedule)
+        return torch.randint(first, last + 1, (n,), generator=generator).to(torch.float64).to(device)
+
+
 class LogNormalTime(TimeSampler):
     """ln(edm_sigma) ~ N(mean, std^2) (Karras et al. 2022, Table 1: P_mean=-1.2, P_std=1.2)."""
 
@@ -93,8 +123,10 @@ class KarrasRampTime(TimeSampler):
     """Noise level on a continuous Karras ramp (Karras et al. 2022, Eq. 5) with ramp u ~ U[low, high]:
     u = 0 is the noise end (sigma_max) and u = 1 the data end (sigma_min).
 
-    DMD2 on EDM teachers draws a uniform index in [20, 980] of a 1000-point Karras grid (low=0.02, high=0.98);
-    SiD draws sigma at ramp 1 - U[0, t_max / 1000] with t_max = 800 (low=0.2, high=1.0)."""
+    DMD2 on EDM teachers (github.com/tianweiy/DMD2, ``main/edm/edm_guidance.py``) indexes a 1000-point Karras grid:
+    its generator uniformly in [20, 980] (min/max_step_percent 0.02 / 0.98: low=0.02, high=0.98), its fake-score
+    critic uniformly over all 1000 points (low=0, high=1); the continuous ramp here has the same law up to the grid's
+    1/999 quantisation. SiD draws sigma at ramp 1 - U[0, t_max / 1000] with t_max = 800 (low=0.2, high=1.0)."""
 
     def __init__(self, low: float = 0.02, high: float = 0.98, rho: float = 7.0):
         if not 0.0 <= low < high <= 1.0:

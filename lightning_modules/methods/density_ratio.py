@@ -17,7 +17,9 @@ ImageNet-64):
   1. r = exp(clamp(logit, -10, 10)), clipped to [0.1, 20];
   2. r is divided by a running (EMA) mean of r within its noise-level bin -- at the optimum E_student[r] = 1 at every
      noise level, so this removes the discriminator's per-level calibration drift and makes weights comparable
-     across noise levels;
+     across noise levels; the bins are equal slices of the schedule's native time [t_min, t_max] (= equal slices of
+     sigma on EDM teachers), as in the release (``FdistillModel._get_f_div_weighting_h``: bin width
+     (max_t - min_t) / bin_num, bin 0 at min_t);
   3. the weights are divided by the mean of h(r) over the global batch (all DDP ranks), so their scale is 1.
 
 Conventions here: constant factors of h are immaterial (step 3 removes them), so h is the paper's table entry and
@@ -104,33 +106,58 @@ def normalize_by_global_mean(module, weights: Tensor) -> Tensor:
     return weights / global_mean(module, weights).clamp_min(1e-12)
 
 
+BIN_SPACINGS = ("time", "karras_ramp")
+
+
 class TimeBinnedRatioNormalizer(nn.Module):
     """f-distill's running normalisation of the ratio per noise-level bin (step 2 above).
 
-    Bins are equal intervals of the Karras ramp coordinate u in [0, 1] (u = 0 at sigma_max, 1 at sigma_min, rho = 7),
-    the coordinate in which DMD2's generator draws its noise levels, so the bins are about equally populated.
+    ``spacing`` (f-distill's and Uni-Instruct's ``ratio_bin_spacing``):
+      * ``time`` (default, the release's): equal intervals of the native time t in [t_min, t_max], bin 0 at t_min
+        (the data end). On EDM teachers t = sigma: bins of width (80 - 0.002) / num_bins, so with DMD2's generator
+        draws (Karras ramp, mostly small sigma) the low bins hold most samples.
+      * ``karras_ramp``: equal intervals of the Karras ramp coordinate u in [0, 1] (u = 0 at sigma_max, 1 at sigma_min,
+        rho = 7), the coordinate of DMD2's generator draws, so the bins are about equally populated; bin 0 at sigma_max.
     Each generator step (in training mode) moves the bin's mean towards the batch mean of r in that bin:
     m <- decay m + (1 - decay) mean(r); decay 0 uses the current batch alone. The means are buffers, so they are
-    saved in and restored from checkpoints.
+    saved in and restored from checkpoints (a checkpoint's bins follow the spacing it was trained with).
     """
 
-    def __init__(self, schedule: NoiseSchedule, num_bins: int = 10, ema_decay: float = 0.5, rho: float = 7.0):
+    def __init__(self, schedule: NoiseSchedule, num_bins: int = 10, ema_decay: float = 0.5, rho: float = 7.0,
+                 spacing: str = "time"):
         super().__init__()
         if num_bins < 1:
             raise ValueError(f"ratio_time_bins must be >= 1, got {num_bins}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ratio_ema_decay must be in [0, 1), got {ema_decay}")
-        self.num_bins, self.ema_decay, self.rho = num_bins, ema_decay, rho
+        if spacing not in BIN_SPACINGS:
+            raise ValueError(f"unknown ratio_bin_spacing {spacing!r}; expected one of {list(BIN_SPACINGS)}")
+        self.num_bins, self.ema_decay, self.rho, self.spacing = num_bins, ema_decay, rho, spacing
+        self.schedule = schedule
+        self.t_min, self.t_max = float(schedule.t_min), float(schedule.t_max)
         sigmas = schedule.edm_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64))
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[1])
         self.register_buffer("bin_mean_ratio", torch.ones(num_bins, dtype=torch.float64))
         self.register_buffer("bin_updates", torch.zeros(num_bins, dtype=torch.long))
 
-    def bin_index(self, edm_sigma: Tensor) -> Tensor:
+    def bin_edges(self) -> Tensor:
+        """The num_bins + 1 bin boundaries, in native time for ``time`` and in EDM sigma for ``karras_ramp``
+        (descending there: bin 0 starts at sigma_max)."""
+        u = torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64)
+        if self.spacing == "time":
+            return self.t_min + u * (self.t_max - self.t_min)
         inv = 1.0 / self.rho
-        top, bottom = self.sigma_max ** inv, self.sigma_min ** inv
-        ramp = (edm_sigma.double() ** inv - top) / (bottom - top)
-        return (ramp * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
+        return (self.sigma_max ** inv + u * (self.sigma_min ** inv - self.sigma_max ** inv)) ** self.rho
+
+    def bin_index(self, t: Tensor) -> Tensor:
+        """The bin of each native time ``t``."""
+        if self.spacing == "time":
+            position = (t.double() - self.t_min) / (self.t_max - self.t_min)
+        else:
+            inv = 1.0 / self.rho
+            top, bottom = self.sigma_max ** inv, self.sigma_min ** inv
+            position = (self.schedule.edm_sigma(t.double()) ** inv - top) / (bottom - top)
+        return (position * self.num_bins).floor().long().clamp(0, self.num_bins - 1)
 
     def batch_statistics(self, ratio: Tensor, bins: Tensor) -> Tensor:
         """(2, num_bins): sum of r and number of samples in each bin (summable over DDP ranks)."""
@@ -157,16 +184,20 @@ class DensityRatioEstimate(nn.Module):
     when ``module.training``."""
 
     def __init__(self, schedule: NoiseSchedule, logit_bound: float = 10.0, ratio_min: float = 0.1,
-                 ratio_max: float = 20.0, time_bins: int = 10, ema_decay: float = 0.5, normalize_per_bin: bool = True):
+                 ratio_max: float = 20.0, time_bins: int = 10, ema_decay: float = 0.5, normalize_per_bin: bool = True,
+                 bin_spacing: str = "time"):
         super().__init__()
         if not 0.0 < ratio_min < 1.0 < ratio_max or not math.isfinite(ratio_max):
             raise ValueError(f"need 0 < ratio_min < 1 < ratio_max < inf, got ratio_min={ratio_min}, "
                              f"ratio_max={ratio_max}")
         if logit_bound <= 0:
             raise ValueError(f"ratio_logit_bound must be > 0, got {logit_bound}")
+        if bin_spacing not in BIN_SPACINGS:
+            raise ValueError(f"unknown ratio_bin_spacing {bin_spacing!r}; expected one of {list(BIN_SPACINGS)}")
         self.schedule = schedule
         self.logit_bound, self.ratio_min, self.ratio_max = logit_bound, ratio_min, ratio_max
-        self.normalizer = TimeBinnedRatioNormalizer(schedule, time_bins, ema_decay) if normalize_per_bin else None
+        self.normalizer = (TimeBinnedRatioNormalizer(schedule, time_bins, ema_decay, spacing=bin_spacing)
+                           if normalize_per_bin else None)
 
     @classmethod
     def for_module(cls, method: str, module, gan_critic_weight: float, *args, **kwargs) -> "DensityRatioEstimate":
@@ -185,7 +216,7 @@ class DensityRatioEstimate(nn.Module):
                                           self.ratio_max)
         if self.normalizer is None:
             return ratio, inside
-        bins = self.normalizer.bin_index(self.schedule.edm_sigma(t.double()))
+        bins = self.normalizer.bin_index(t)
         if module.training:
             self.normalizer.update(global_sum(module, self.normalizer.batch_statistics(ratio, bins)))
         return self.normalizer(ratio, bins), inside

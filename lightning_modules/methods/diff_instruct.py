@@ -20,9 +20,15 @@ scaled by 1/dim, which Adam does not see.
 Dropout: the reference runs teacher AND critic in training mode on one shared dropout RNG state, so two identical
 networks return identical outputs and the direction is exactly zero while F = T (its initialisation). Here the teacher
 always runs in eval mode, so there is no teacher mask to share; the property needs the critic's generator-step call
-in eval mode as well (``fake_x0``). A critic with dropout keeps it for its own denoising updates. A train-mode
-critic call against an eval-mode teacher would add dropout noise to g, biased too (the critic's later layers are
-nonlinear), so the shared-mask subtlety matters exactly when the critic has dropout.
+in eval mode as well, which the shared mechanism gives every method (score_distillation.py). A critic with dropout
+keeps it for its own denoising updates. A train-mode critic call against an eval-mode teacher would add dropout noise
+to g, biased too (the critic's later layers are nonlinear), so the shared-mask subtlety matters exactly when the
+critic has dropout.
+
+Defaults from the release (github.com/pkulwj1994/diff_instruct, ``training/di_training_loop.py`` and
+``training/di_loss.py``): no gradient clipping for either network (it only replaces non-finite gradient entries;
+``generator_clip_norm`` / ``critic_clip_norm`` default to None here, set them to clip), and the critic's EDM-weighted
+DSM at lognormal(-1.2, 1.2) noise levels on every schedule (``critic_weighting: edm``).
 """
 from __future__ import annotations
 
@@ -37,10 +43,11 @@ TIME_WEIGHTINGS = ("sigma_squared", "unit")
 
 
 class DiffInstruct(DMD2):
-    def __init__(self, *args, time_weighting: str = "sigma_squared", **kwargs):
+    def __init__(self, *args, time_weighting: str = "sigma_squared", generator_clip_norm: float | None = None,
+                 critic_clip_norm: float | None = None, **kwargs):
         if time_weighting not in TIME_WEIGHTINGS:
             raise ValueError(f"unknown time_weighting {time_weighting!r}; expected one of {list(TIME_WEIGHTINGS)}")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, generator_clip_norm=generator_clip_norm, critic_clip_norm=critic_clip_norm, **kwargs)
         self.time_weighting = time_weighting
 
     def default_generator_time_sampler(self):
@@ -48,6 +55,9 @@ class DiffInstruct(DMD2):
 
     def default_critic_time_sampler(self):
         return LogNormalTime(-1.2, 1.2)
+
+    def default_critic_weighting(self) -> str:
+        return "edm"
 
     def ikl_weight(self, t):
         """w(t) of the Integral KL (float64, per sample)."""
@@ -62,13 +72,4 @@ class DiffInstruct(DMD2):
         factor = self.ikl_weight(t) * alpha ** 2 / sigma ** 2
         direction = dmd_gradient(x_g, x0_real, x0_fake, normalize=False)   # = D_F - D_T
         return (broadcast_to_data(factor, direction) * direction.double()).to(direction.dtype)
-
-    def fake_x0(self, x_t, t, cond):
-        """The critic in eval mode, like the eval-mode teacher it is compared with (see the module docstring)."""
-        was_training = self.critic.training
-        self.critic.eval()
-        try:
-            return self.critic(x_t, t, cond)
-        finally:
-            self.critic.train(was_training)
 

@@ -1,14 +1,16 @@
 """DMD -- One-step Diffusion with Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv:2311.18828).
 
 Algorithm 1 (one critic update and one generator update per iteration):
-  critic F:     x_g = sg(G(z)); t ~ U[0.02 T, 0.98 T]; L_F = lambda(t) ||F(x_t, t) - x_g||^2   (Sec. 3.2, mu_fake)
+  critic F:     x_g = sg(G(z)); t over the whole schedule; L_F = lambda(t) ||F(x_t, t) - x_g||^2  (Sec. 3.2, mu_fake)
   generator G:  x_g = G(z); x_t = alpha_t x_g + sigma_t eps; D_real = T(x_t), D_fake = F(x_t)
                 g = (D_fake - D_real) / mean_CHW |x_g - D_real|   (Eq. 7's score difference, Eq. 8's weight w_t)
                 L_KL  = 1/2 ||x_g - sg(x_g - g)||^2
                 L_reg = d(G(z_ref), y_ref) over precomputed teacher ODE pairs (z_ref, y_ref)     (Sec. 3.3)
                 L_G   = L_KL + lambda_reg L_reg,  lambda_reg = 0.25                                  (Sec. 3.3)
 The distribution-matching direction is DMD2's ``dmd_gradient`` (DMD2 keeps it and drops the regression), so DMD is
-DMD2 plus the regression term, with DMD2's GAN term off and no TTUR in the configs.
+DMD2 plus the regression term, with DMD2's GAN term off and no TTUR in the configs. DMD has no public release; its
+time draws and critic weighting are DMD2's defaults, taken from DMD2's release (see dmd2.py): the generator at
+t ~ U[0.02 T, 0.98 T], the critic over every noise level.
 
 Deviation: the paper's d is LPIPS; LPIPS weights are not available offline, so d is ``losses.distance`` -- "l2"
 (per-sample mean squared error, the default) or "pseudo_huber" (iCT's sqrt(||d||^2 + c^2) - c).

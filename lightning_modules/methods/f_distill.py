@@ -16,7 +16,12 @@ Algorithm (per batch; TwoTimeScaleUpdate sets the critic : generator ratio):
         w   = h(r) / mean_global_batch h(r)
         L_G = 1/2 ||x_g - sg(x_g - w g)||^2 + lambda_G softplus(-D(x_t))         (optional GAN term, as DMD2)
 The divergences and the ratio estimate live in density_ratio.py (shared with Uni-Instruct). Defaults: JS, the paper's
-best ImageNet-64 / COCO choice; ratio EMA 0.5 over 10 noise-level bins and lambda_G = 3e-3 as in the ImageNet-64 recipe.
+best ImageNet-64 / COCO choice; ratio EMA 0.5 over 10 noise-level bins and lambda_G = 3e-3 as in the ImageNet-64 recipe
+of the authors' release (NVlabs FastGen, ``fastgen/configs/experiments/EDM/config_f_distill_in64.py``).
+``ratio_bin_spacing``: "time" (default) -- the release's bins, equal slices of the native time [t_min, t_max], i.e. of
+sigma on EDM teachers (``fastgen/methods/distribution_matching/f_distill.py``); "karras_ramp" -- equal slices of the
+Karras ramp coordinate (about equally populated under the generator's draws; this project's earlier choice, whose
+per-bin normalisers differ from the release's by up to a third).
 """
 from __future__ import annotations
 
@@ -33,13 +38,13 @@ class FDistill(DMD2):
     def __init__(self, *args, divergence: str = "js", gan_generator_weight: float = 3e-3,
                  gan_critic_weight: float = 1e-2, ratio_logit_bound: float = 10.0, ratio_min: float = 0.1,
                  ratio_max: float = 20.0, ratio_time_bins: int = 10, ratio_ema_decay: float = 0.5,
-                 normalize_ratio_per_bin: bool = True, **kwargs):
+                 normalize_ratio_per_bin: bool = True, ratio_bin_spacing: str = "time", **kwargs):
         super().__init__(*args, gan_generator_weight=gan_generator_weight, gan_critic_weight=gan_critic_weight,
                          **kwargs)
         self.divergence = get_divergence(divergence)
         self.density_ratio = DensityRatioEstimate.for_module(
             "f-distill", self, gan_critic_weight, ratio_logit_bound, ratio_min, ratio_max, ratio_time_bins,
-            ratio_ema_decay, normalize_ratio_per_bin)
+            ratio_ema_decay, normalize_ratio_per_bin, ratio_bin_spacing)
         self._last_weights = None
 
     def ratio_weights(self, x_t, t, cond):

@@ -61,10 +61,12 @@ def _as_classes(values, name: str, kind: str, num_classes: int) -> list[int]:
 
 
 class SFD(SiD):
+    # Clipping: SFD keeps the framework's norm-10 clipping rather than SiD's none (the authors' release,
+    # github.com/tqch/score-forgetting-distillation, clips both networks' gradients by value, not by norm).
     def __init__(self, *args, forget_classes: Sequence[int] = (), override_classes: Sequence[int] | None = None,
                  forget_weight: float = 1.0, critic_forget_weight: float = 1.0, num_concepts: int | None = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+                 generator_clip_norm: float | None = 10.0, critic_clip_norm: float | None = 10.0, **kwargs):
+        super().__init__(*args, generator_clip_norm=generator_clip_norm, critic_clip_norm=critic_clip_norm, **kwargs)
         prompted = self.teacher.text_conditioned
         if prompted and num_concepts is None:
             raise ValueError("SFD on a prompt-conditioned teacher needs num_concepts (the number of concept ids in "

@@ -8,6 +8,10 @@ Algorithm 1 (critic step, then generator step):
                 L_G = sum_CHW (y_r - y_f) * [(y_r - x_g) - alpha (y_r - y_f)] / w          (Eq. 23 with alpha = 1.2)
 Samples whose T, F or G outputs are not finite are dropped from the generator loss (as the reference does).
 The one-step generator starts at sigma_init = 2.5 on EDM teachers (set ``student_sigmas: [2.5]``).
+No gradient clipping by default (``generator_clip_norm`` / ``critic_clip_norm`` None): the release's training loop
+(github.com/mingyuanzhou/SiD, ``training/sid_training_loop.py``) clips neither network, it only replaces non-finite
+gradient entries (nan -> 0, +-inf -> +-1e5). The critic is evaluated in eval mode in the generator step, as the
+release does (score_distillation.py).
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ def sid_generator_loss(x_g, y_real, y_fake, alpha: float):
 
 
 class SiD(ScoreDistillationModule):
-    def __init__(self, *args, alpha: float = 1.2, generator_time_sampler: TimeSampler | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, alpha: float = 1.2, generator_time_sampler: TimeSampler | None = None,
+                 generator_clip_norm: float | None = None, critic_clip_norm: float | None = None, **kwargs):
+        super().__init__(*args, generator_clip_norm=generator_clip_norm, critic_clip_norm=critic_clip_norm, **kwargs)
         self.alpha = alpha
         self.generator_time_sampler = generator_time_sampler or KarrasRampTime(0.2, 1.0)
 

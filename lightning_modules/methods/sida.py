@@ -28,6 +28,12 @@ the unweighted non-saturating loss with independent noise, scaled by ``gan_criti
 averaged, not summed, over pixels: the release's relative weight is lambda_EDM(sigma) / (2 dim)). The release also
 delays the GAN terms (and the first generator updates) by a warm-up measured in images; here they act from the start.
 Non-finite samples are dropped from both generator terms, as in SiD.
+
+Clipping: SiD's defaults, no norm clipping of either network (``generator_clip_norm`` / ``critic_clip_norm`` None).
+The release (github.com/mingyuanzhou/SiD, branch ``sida``) never clips the generator; its EDM training loop
+(``sida_training/sida_training_loop.py``) clips the fake score network's gradient entries by VALUE at 1 when the GAN
+term is on, its EDM2 loop does not (the line is commented out). Value clipping is not reproduced here (only norm
+clipping is offered); set ``critic_clip_norm`` to bound the critic's step instead.
 """
 from __future__ import annotations
 

@@ -68,7 +68,9 @@ def sim_surrogate(x_g, y_real, y_fake, distance: str = "pseudo_huber", huber_c: 
 
 
 class SIM(SiD):
-    def __init__(self, *args, distance: str = "pseudo_huber", huber_c: float | None = None, **kwargs):
+    # Clipping: SIM keeps the framework's norm-10 clipping (SiD's release clips nothing; no SIM release was checked).
+    def __init__(self, *args, distance: str = "pseudo_huber", huber_c: float | None = None,
+                 generator_clip_norm: float | None = 10.0, critic_clip_norm: float | None = 10.0, **kwargs):
         if distance not in DISTANCES:
             raise ValueError(f"unknown SIM distance {distance!r}; expected one of {DISTANCES}")
         if huber_c is not None and not huber_c > 0:
@@ -76,7 +78,8 @@ class SIM(SiD):
         if "alpha" in kwargs:
             raise ValueError("SIM has no alpha: its loss is fixed by the distance (distance='l2' is SiD with "
                              "alpha = 0.5)")
-        super().__init__(*args, alpha=0.5, **kwargs)
+        super().__init__(*args, alpha=0.5, generator_clip_norm=generator_clip_norm, critic_clip_norm=critic_clip_norm,
+                         **kwargs)
         self.distance, self.huber_c = distance, huber_c
 
     def per_sample_generator_loss(self, x_g, y_real, y_fake):

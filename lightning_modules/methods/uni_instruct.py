@@ -39,6 +39,9 @@ Algorithm: critic F = DSM on sg(x_g) (lognormal(-1.2, 1.2) noise levels) + a dis
 trained on re-noised real vs generated samples (ratio estimate, SiDA-style); generator: x_g = G(z), noise level
 from SiD's Karras ramp at 1 - U[0, 0.8], the loss above (+ optional lambda_G softplus(-D(x_t)) GAN term, which the
 paper uses with lambda_G = 0.01). Defaults: forward KL, the paper's best ImageNet-64 result (FID 1.02).
+The ratio estimate and its per-noise-level normalisation are f-distill's (density_ratio.py), with the same
+``ratio_bin_spacing`` (default "time": equal slices of native time, i.e. of sigma on EDM teachers, as f-distill's
+release).
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ class UniInstruct(ScoreDistillationModule):
                  gan_generator_weight: float = 1e-2, gan_critic_weight: float = 1e-2,
                  ratio_logit_bound: float = 10.0, ratio_min: float = 0.1, ratio_max: float = 20.0,
                  ratio_time_bins: int = 10, ratio_ema_decay: float = 0.5, normalize_ratio_per_bin: bool = True,
-                 diff_instruct_term: bool = False, **kwargs):
+                 diff_instruct_term: bool = False, ratio_bin_spacing: str = "time", **kwargs):
         super().__init__(*args, **kwargs)
         self.divergence = get_divergence(divergence)
         self.diff_instruct_term = diff_instruct_term
@@ -91,7 +94,7 @@ class UniInstruct(ScoreDistillationModule):
         self.gan_generator_weight, self.gan_critic_weight = gan_generator_weight, gan_critic_weight
         self.density_ratio = DensityRatioEstimate.for_module(
             "Uni-Instruct", self, gan_critic_weight, ratio_logit_bound, ratio_min, ratio_max, ratio_time_bins,
-            ratio_ema_decay, normalize_ratio_per_bin)
+            ratio_ema_decay, normalize_ratio_per_bin, ratio_bin_spacing)
 
     def default_critic_time_sampler(self):
         return LogNormalTime(-1.2, 1.2)

@@ -21,8 +21,10 @@ normaliser 1 / mean|x_g - T(x_t)| instead. Everything else (time samplers, DSM c
 backward simulation) is DMD2's; the difference from DMD2 is the critic: a LoRA on the frozen teacher, not a full copy,
 and guided like the teacher.
 
-The EDM analogues of SwiftBrush's DDPM time draws: the generator's t ~ U{20..980} of 1000 steps becomes DMD2's
-Karras ramp [0.02, 0.98], the critic's t ~ U{0..999} the whole ramp [0, 1].
+Time draws and critic weighting are DMD2's defaults (dmd2.py). On discrete VP teachers (SwiftBrush's SD setting)
+they are SwiftBrush's own: the generator's t ~ U{20..980} of 1000 steps, the critic's t ~ U{0..999} with the LoRA's
+unweighted epsilon-MSE (ProlificDreamer Eq. 8). On EDM-type teachers their analogues: DMD2's Karras ramp [0.02, 0.98]
+for the generator, the whole ramp [0, 1] with EDM's weighting for the critic.
 
 Critic base (``critic_base``):
   * ``teacher`` (the default whenever the teacher has weights): the adapters sit on the frozen teacher itself, held
@@ -41,7 +43,6 @@ import torch
 from ..conditioning.condition import TextCondition, drop_conditions
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.schedules import broadcast_to_data
-from ..diffusion.time_samplers import KarrasRampTime
 from ..losses import dmd_gradient, surrogate_for_gradient
 from ..networks.denoiser import Denoiser
 from ..networks.lora import LoRACritic
@@ -93,9 +94,6 @@ class VSD(DMD2):
         self.critic_base = critic_base
         self.gradient_weighting, self.guide_critic = gradient_weighting, guide_critic
         self.critic_label_dropout = critic_label_dropout
-
-    def default_critic_time_sampler(self):
-        return KarrasRampTime(0.0, 1.0)
 
     # ------------------------------------------------------------------ guidance on both networks
     def step_guidance_scale(self) -> float:
