@@ -723,9 +723,7 @@ def memory_plan(source, *, method: str = "dmd2", student: str = "full", critic: 
         ema_bytes = tensor_bytes(nets["student"]["numels"], nets["student"]["dtype"])
         detail = "AveragedModel copy, whole on every rank"
         if student == "lora":
-            # AveragedModel deep-copies the LoRA student, and with it the teacher it holds by reference
-            ema_bytes += tensor_bytes(teacher_numels, teacher_dtype)
-            detail += "; a LoRA student's deepcopy also copies its base (the teacher)"
+            detail += "; of a LoRA student: its adapters only (the copy shares the teacher)"
         add("student EMA", ema_bytes, "weights", detail)
     if vae and arch.vae_config is not None:
         add("VAE, fp32, frozen", tensor_bytes([arch.vae_parameters], "fp32"), "weights",
@@ -855,10 +853,8 @@ def memory_plan(source, *, method: str = "dmd2", student: str = "full", critic: 
                      "it (VSD's critic_base: teacher does); a critic: LoRACritic given in the config gets its own base "
                      "network, i.e. one more frozen teacher copy, which this plan does not count")
     if student == "lora" and critic == "lora":
-        notes.append("with student_lora, DMD2/SiD's critic is copy.deepcopy(student): a LoRA critic whose base is a "
-                     "private deep copy of the teacher (not the shared teacher) -- in the framework as it stands "
-                     f"that is one more frozen teacher copy ({tensor_bytes(teacher_numels, teacher_dtype) / GiB:.2f} "
-                     "GiB), which this plan does not count")
+        notes.append("with student_lora, DMD2/SiD's critic is a copy of the LoRA student: its own adapters on the same "
+                     "shared teacher (LoRACritic.__deepcopy__ keeps the base shared), as this plan counts")
     if trainable_dtype == "auto" and student == "full" and teacher_dtype != "fp32":
         notes.append(f"fp32 master weights for full networks: the framework's default student/critic are copies of "
                      f"the teacher, i.e. {teacher_dtype}; give student:/critic: as fp32 networks (LatentTeacher with "

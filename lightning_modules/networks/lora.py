@@ -131,6 +131,23 @@ class LoRACritic(Denoiser):
         """(path in the base network, peft LoRA layer) pairs."""
         return [(path, self.adapters[path.replace(".", "__")]) for path in self._paths]
 
+    def __deepcopy__(self, memo):
+        """A copy with its own adapters on the *same* shared base: ``copy.deepcopy(lora_student)`` (the critic that
+        starts as the student, ``AveragedModel``'s EMA copy) must not clone the frozen teacher -- a hidden,
+        unregistered second teacher that ``.to()`` would not move. The base, its submodules, parameters and buffers
+        are pre-seeded in ``memo``, so the adapters' ``base_layer`` references stay the teacher's own layers."""
+        import copy
+
+        if not self.own_base:
+            base = self.__dict__["_shared_base"]
+            for shared in [base, *base.modules(), *base.parameters(), *base.buffers()]:
+                memo.setdefault(id(shared), shared)
+        duplicate = type(self).__new__(type(self))
+        memo[id(self)] = duplicate
+        for key, value in self.__dict__.items():
+            duplicate.__dict__[key] = copy.deepcopy(value, memo)
+        return duplicate
+
     # ------------------------------------------------------------------ forward with the adapters attached
     @contextlib.contextmanager
     def attached(self):
