@@ -105,7 +105,7 @@ def main():
                                             **score_text_to_image(samples, prompts, labels, extractors)}
         teacher_source = "measured in this run"
 
-    rows = list(range(0, 100, 10))  # one prompt per digit
+    rows = list(range(10))  # prompt i asks for digit i % 10: one row per digit
     grid_cond = datamodule.evaluation_conditions([prompts[i] for i in rows])
     teacher_grid = module.to_images(module.sample_teacher(noise[rows], grid_cond, nfe=32, method="euler"))
     labelled_grid([prompts[i] for i in rows], teacher_grid, student[rows], os.path.join(args.out, "samples.png"))
