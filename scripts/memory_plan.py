@@ -302,13 +302,13 @@ def preset_architecture(name: str) -> Architecture:
 
 
 def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise PlanError(f"{what} {path!r} does not exist")
+    """The pipeline loader's own JSON reading (same messages), its errors as PlanError."""
+    from lightning_modules.pipelines import _read_json as read_pipeline_json
+
     try:
-        with open(path) as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise PlanError(f"{what} {path!r} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        return read_pipeline_json(path, what)
+    except (FileNotFoundError, ValueError) as error:
+        raise PlanError(str(error)) from None
 
 
 def folder_architecture(folder: str) -> Architecture:
