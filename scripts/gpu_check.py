@@ -110,6 +110,17 @@ class BatchTimer(Callback):
         self.times.append(CLOCK() - self._start)
         self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/loss")})
 
+    def steady_times(self, warmup: int, name: str) -> list[float]:
+        """Batch times after ``warmup``; an error if there are none or any logged loss is not finite."""
+        for losses in self.losses:
+            for key, value in losses.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{name}: {key} = {value}")
+        steady = self.times[warmup:]
+        if not steady:
+            raise RuntimeError("no steady-state batches timed; raise --steps")
+        return steady
+
 
 def build_module(method: str, unet: dict, lr: float = 1e-5):
     schedule = EDMSchedule()
@@ -232,13 +243,7 @@ def check(method: str, args, device: torch.device) -> dict:
     trainer.fit(module, Batches(shape, args.batch, args.steps + args.warmup))
     fit_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    steady = timer.times[args.warmup:]
-    if not steady:
-        raise RuntimeError("no steady-state batches timed; raise --steps")
-    for losses in timer.losses:
-        for key, value in losses.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{method}: {key} = {value}")
+    steady = timer.steady_times(args.warmup, method)
     batch_time = statistics.median(steady)
     best_batch = min(steady)
     module = module.to(device)
@@ -300,13 +305,7 @@ def check_text_to_image(variant: str, args, device: torch.device) -> dict:
         cli.trainer.fit(cli.model, cli.datamodule)
         fit_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    steady = timer.times[args.warmup:]  # each batch: one critic and one generator update (no TTUR callback)
-    if not steady:
-        raise RuntimeError("no steady-state batches timed; raise --steps")
-    for losses in timer.losses:
-        for key, value in losses.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{variant}: {key} = {value}")
+    steady = timer.steady_times(args.warmup, variant)  # a batch: one critic + one generator update (no TTUR)
     batch_time = statistics.median(steady)
     return {"method": variant, "device": str(device), "device_name": torch.cuda.get_device_name(device)
             if device.type == "cuda" else "cpu", "precision": args.precision, "batch": args.batch,
