@@ -219,6 +219,7 @@ class ImageTextDataModule(PromptDataModule):
     ``channels``: the real images' pixels (what the teacher's autoencoder encodes). ``text_encoder``,
     ``negative_prompt``, ``label_parser``, ``batch_size``, ``batches_per_epoch``, ``val_batches``, ``seed``,
     ``num_workers``, ``cache_dir``, ``blank_lines``: as ``PromptDataModule``'s."""
+    provides_real_data = True
 
     def __init__(self, root: str, captions_file: str, shape: Sequence[int], image_size: int, channels: int = 3,
                  text_encoder: TextEncoder | None = None, image_column: str = "file_name",

@@ -46,6 +46,7 @@ class LabelledImages(Dataset):
 
 class ImageDataModule(LightningDataModule):
     """Base for image datamodules: subclasses implement ``load_split(split) -> (images uint8/float, labels)``."""
+    provides_real_data = True
 
     #: number of classes of the labels (0 = unlabelled)
     num_classes: int = 0

@@ -40,6 +40,7 @@ class NoiseBatches(Dataset):
 class NoiseDataModule(LightningDataModule):
     """``shape``: one latent's shape (e.g. [2] or [3, 32, 32]); ``num_classes`` > 0 adds uniform (or
     ``class_weights``-weighted) class labels as the condition."""
+    provides_real_data = False  # noise only: methods with a real-data term refuse it before training
 
     def __init__(self, shape: Sequence[int], batch_size: int = 256, batches_per_epoch: int = 1000,
                  val_batches: int = 4, num_classes: int = 0, class_weights: Sequence[float] | None = None,

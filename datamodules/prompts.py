@@ -255,6 +255,7 @@ class PromptDataModule(LightningDataModule):
     branch of CFG (default: the empty prompt). ``val_prompt_file``: the prompts of validation and of the metric
     callbacks' ``evaluation_prompts`` (default: the training prompts). ``label_parser``: dotted path of a function
     prompt -> class id, for prompt sets whose ids are in the text (e.g. ``datamodules.mnist_captions.caption_digit``)."""
+    provides_real_data = False  # prompts only (the pair regime is ImageTextDataModule)
 
     def __init__(self, prompt_file: str, shape: Sequence[int], text_encoder: TextEncoder | None = None,
                  column: str = "prompt", label_column: str | None = None, label_parser: str | None = None,

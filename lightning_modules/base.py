@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from .conditioning.condition import TextCondition, unconditional
+from .data_regime import check_data_regime, derive_sigma_data
 from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
@@ -53,8 +54,10 @@ def _adamw(params):
 class DistillationModule(EvaluationNetworkMixin, LightningModule):
     #: methods that train a critic (fake-score network) set this
     uses_critic: bool = False
-    #: methods whose generator step needs real data samples in the batch
+    #: methods whose generator step needs real data samples in the batch, and what for (named in the error a
+    #: noise- or prompt-only datamodule gets before training)
     needs_real_data: bool = False
+    real_data_reason: str = ""
 
     def __init__(
         self,
@@ -108,11 +111,13 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
             self.student = copy.deepcopy(teacher).requires_grad_(True) if student is None else student
         self._share_schedule(self.student, "student")
         self._check_shapes(self.student, "student")
+        derive_sigma_data(self.student, getattr(teacher, "law", None))
         self.critic = None
         if self.uses_critic:
             self.critic = copy.deepcopy(self.student) if critic is None else critic
             self._share_schedule(self.critic, "critic")
             self._check_shapes(self.critic, "critic")
+            derive_sigma_data(self.critic, getattr(teacher, "law", None))
         self.discriminator = discriminator
         # Latent teachers: the frozen VAE that maps images <-> the teacher's latents (never in an optimizer).
         self.autoencoder = None if autoencoder is None else autoencoder.requires_grad_(False).eval()
@@ -372,7 +377,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         if "noise" not in batch:
             raise KeyError(f"batch has keys {sorted(batch)}; a distillation batch needs 'noise'")
         if self.needs_real_data and batch.get("real") is None:
-            raise ValueError(f"{type(self).__name__} needs real data samples: use a datamodule that provides "
+            reason = self.real_data_reason or "a real-data term"
+            raise ValueError(f"{type(self).__name__} needs real data samples ({reason}): use a datamodule that provides "
                              "'real' (e.g. ToyMixtureDataModule or an image datamodule)")
         shape = self.teacher.data_shape
         if shape is not None and tuple(batch["noise"].shape[1:]) != tuple(shape):
@@ -408,6 +414,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
     def setup(self, stage: str) -> None:
         """Toy students that are not teacher copies start from a network regressed onto the teacher (the analogue of
         DMD2/SiD's teacher initialisation), seeded identically on every rank; skipped when resuming."""
+        if self._trainer is not None:
+            check_data_regime(self, self.trainer.datamodule)
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if stage == "fit" and self.hparams.warm_start_steps > 0 and not bool(self.warm_started) and not resuming:
             draw = law_draw(self._warm_start_law(), conditional=getattr(self.student, "num_classes", 0) > 0)

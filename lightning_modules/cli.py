@@ -17,36 +17,7 @@ import argparse
 import os
 import sys
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
-
-# Importing registers the classes so configs can name them by short class name (``class_path: DMD2``).
-import callbacks  # noqa: F401
-import datamodules  # noqa: F401
-import lightning_modules  # noqa: F401
-
-
-class DistillCLI(LightningCLI):
-    """LightningCLI with the framework's defaults (TensorBoard logger, resolved config saved per run)."""
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI torch.loads an explicit --ckpt_path for its hyperparameters before the trainer's checkpoint
-        # reader runs; check the file first so a damaged one gets the error that names it and its good neighbours.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and "://" not in str(ckpt_path) and os.path.isfile(ckpt_path):
-            from lightning_modules.checkpoint_io import check_checkpoint_file
-            check_checkpoint_file(ckpt_path)
-        super()._parse_ckpt_path()
-
-
-def _build(args: list[str] | None, run: bool) -> DistillCLI:
-    return DistillCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True}, args=args, run=run,
-        seed_everything_default=0, auto_configure_optimizers=False,
-    )
+from lightning_modules.lightning_cli import DistillCLI, build_cli
 
 
 def _flag(value: str) -> bool:
@@ -83,7 +54,7 @@ def export(args: list[str]) -> DistillCLI:
     known, overrides = parser.parse_known_args(args)
     if not known.pipeline and (known.text_encoder or known.vae or known.nfe is not None):
         parser.error("--text_encoder, --vae and --nfe apply to --pipeline true only")
-    cli = _build([arg for path in known.config for arg in ("-c", path)] + overrides, run=False)
+    cli = build_cli([arg for path in known.config for arg in ("-c", path)] + overrides, run=False)
     load_checkpoint_for_export(cli.model, known.ckpt_path, use_ema=known.use_ema)
     from lightning_modules.networks.routing import ConditionRoutedStudents
     if known.pipeline:
@@ -110,10 +81,10 @@ def main(args: list[str] | None = None, run: bool = True) -> DistillCLI | None:
         sweep_main(argv[1:])
         return None
     if argv[:1] == ["pairs"]:
-        from lightning_modules.trajectory_pairs import main as pairs_main
+        from lightning_modules.pairs_command import main as pairs_main
         pairs_main(argv[1:])
         return None
-    cli = export(argv[1:]) if argv[:1] == ["export"] else _build(args, run)
+    cli = export(argv[1:]) if argv[:1] == ["export"] else build_cli(args, run)
     return None if args is None else cli
 
 

@@ -150,13 +150,13 @@ def _number(value) -> float | None:
 
 def run_point(point: dict, sweep_name: str, sweep_dir: str) -> dict:
     """Run one sweep point in this process (the Slurm task), then write ``runs/<point>/result.json`` on rank 0."""
-    from lightning_modules.cli import main as distill_main
+    from lightning_modules.lightning_cli import build_cli
     from callbacks.preemption import PreemptionCheckpoint
 
     run_dir = os.path.join(sweep_dir, "runs", point["name"])
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
-    cli = distill_main(fit_arguments(point, sweep_name, sweep_dir))
+    cli = build_cli(fit_arguments(point, sweep_name, sweep_dir), run=True)
     trainer = cli.trainer
     preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
     preempted = preemption.preempted if preemption is not None else None

@@ -20,8 +20,9 @@ from lightning_modules.diffusion import EDMSchedule, KarrasRampTime, LogNormalTi
 from lightning_modules.methods.diff_instruct import DiffInstruct
 from lightning_modules.methods.dmd import DMD
 from lightning_modules.networks import GaussianMixtureTeacher, ToyMLPDenoiser
+from lightning_modules.pairs_command import main as pairs_main
 from lightning_modules.trajectory_pairs import (FORMAT, _write_atomically, check_same_teacher, generate_pairs,
-                                                load_pairs, main as pairs_main)
+                                                load_pairs)
 from tests.helpers import AffineGenerator, fix_randomness, independent_noisy_log_prob, independent_x0
 
 B, P = 64, 48

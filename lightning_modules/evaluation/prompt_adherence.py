@@ -7,7 +7,7 @@ accuracy score of Ravuri & Vinyals 2019 in its simplest, pre-trained-classifier 
 per-digit accuracies, so a student that ignores one digit's prompts shows it.
 
 The prompted digit per image comes from the caller (``labels``), from a ``TextCondition``'s ``labels`` (the prompt
-set's label column), or from the MNIST caption parser of ``datamodules.mnist_captions`` (``prompt_labels``).
+set's label column), or from the MNIST caption parser of ``lightning_modules.conditioning.mnist_captions`` (``prompt_labels``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..conditioning.mnist_captions import caption_digit
 from .feature_extractors import MNISTClassifier, load_mnist_classifier, load_or_train_mnist_classifier
 
 NUM_DIGITS = 10
@@ -72,19 +73,6 @@ def prompt_adherence(images: Tensor, labels: Tensor | Sequence[int], classifier:
     return {"accuracy": float(correct.mean()), "per_digit": per_digit, "num_samples": len(labels)}
 
 
-def caption_parser() -> Callable[[str], int] | None:
-    """The MNIST caption -> digit parser of ``datamodules.mnist_captions`` where that module exists, else None."""
-    try:
-        from datamodules import mnist_captions
-    except ImportError:
-        return None
-    for name in ("caption_digit", "parse_digit", "digit_of", "parse_caption", "caption_label"):
-        parser = getattr(mnist_captions, name, None)
-        if callable(parser):
-            return parser
-    return None
-
-
 def prompt_labels(prompts: Sequence[str], cond: Any = None,
                   label_fn: Callable[[Sequence[str]], Sequence[int]] | None = None) -> Tensor | None:
     """The prompted digit of each prompt: ``label_fn(prompts)`` if given, else the condition's ``labels``
@@ -94,10 +82,10 @@ def prompt_labels(prompts: Sequence[str], cond: Any = None,
     elif getattr(cond, "labels", None) is not None:
         labels = cond.labels.detach().long().cpu()
     else:
-        parser = caption_parser()
-        if parser is None:
+        try:
+            labels = torch.as_tensor([caption_digit(prompt) for prompt in prompts]).long()
+        except ValueError:  # not MNIST captions: adherence does not apply
             return None
-        labels = torch.as_tensor([int(parser(prompt)) for prompt in prompts]).long()
     if len(labels) != len(prompts):
         raise ValueError(f"the label function gave {len(labels)} labels for {len(prompts)} prompts")
     return labels

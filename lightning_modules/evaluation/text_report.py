@@ -13,13 +13,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..conditioning.condition import select_conditions
+from ..conditioning.mnist_captions import evaluation_captions
 from .image_metrics import image_metrics
 
 
 def evaluation_prompts(n: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
     """``n`` captions, the i-th asking for digit i % 10 with attributes drawn from ``seed``; and those digits."""
-    from datamodules.mnist_captions import evaluation_captions
-
     return evaluation_captions(n, seed)
 
 

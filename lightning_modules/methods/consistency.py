@@ -23,6 +23,7 @@ from ..losses import distance
 class ConsistencyDistillation(DistillationModule):
     uses_critic = False
     needs_real_data = True
+    real_data_reason = "its target is a teacher ODE step from noised real samples"
 
     def __init__(self, *args, num_discretization_steps: int = 18, target_ema_decay: float = 0.95,
                  distance_metric: str = "l2", huber_c: float | None = None, **kwargs):

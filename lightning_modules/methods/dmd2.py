@@ -43,6 +43,7 @@ class DMD2(ScoreDistillationModule):
         if uses_gan and self.discriminator is None:
             raise ValueError(f"gan weights ({gan_generator_weight}, {gan_critic_weight}) need a discriminator head")
         self.needs_real_data = gan_critic_weight > 0
+        self.real_data_reason = "its GAN term (gan_critic_weight > 0) compares real and generated samples"
 
     def default_critic_time_sampler(self):
         """The fake score's noise levels (module docstring): every timestep of a discrete VP schedule, else the whole

@@ -33,7 +33,8 @@ from .dmd2 import DMD2
 
 
 class FDistill(DMD2):
-    needs_real_data = True  # the discriminator that estimates r is trained on real versus generated samples
+    needs_real_data = True
+    real_data_reason = "the discriminator that estimates the density ratio is trained on real versus generated samples"
 
     def __init__(self, *args, divergence: str = "js", gan_generator_weight: float = 3e-3,
                  gan_critic_weight: float = 1e-2, ratio_logit_bound: float = 10.0, ratio_min: float = 0.1,

@@ -46,6 +46,7 @@ from .sid import SiD, sid_generator_loss, sid_normalizer
 
 class SiDA(SiD):
     needs_real_data = True
+    real_data_reason = "its GAN term compares real and generated samples"
 
     def __init__(self, *args, gan_generator_weight: float = 1e-4, gan_critic_weight: float = 1e-2,
                  logit_clamp: float | None = 10.0, **kwargs):

@@ -78,7 +78,8 @@ def uni_instruct_generator_loss(x_g, y_real, y_fake, ratio, ratio_varies, diverg
 
 
 class UniInstruct(ScoreDistillationModule):
-    needs_real_data = True  # the discriminator that estimates r is trained on real versus generated samples
+    needs_real_data = True
+    real_data_reason = "the discriminator that estimates the density ratio is trained on real versus generated samples"
 
     def __init__(self, *args, divergence: str = "kl", generator_time_sampler: TimeSampler | None = None,
                  gan_generator_weight: float = 1e-2, gan_critic_weight: float = 1e-2,

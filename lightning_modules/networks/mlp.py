@@ -27,18 +27,22 @@ class FourierFeatures(nn.Module):
 class ToyMLPDenoiser(Denoiser):
     """x0-predicting MLP with EDM preconditioning, optional class conditioning (label ``num_classes`` = null for CFG)
     or prompt conditioning (``condition_dim`` > 0: a linear embedding of a ``TextCondition``'s pooled vector), and
-    optional dropout (for the shared-dropout-mask subtlety of CD / Diff-Instruct)."""
+    optional dropout (for the shared-dropout-mask subtlety of CD / Diff-Instruct). ``sigma_data`` unset: the teacher
+    law's data standard deviation (``mixture_law.law_sigma_data``) when distilling a toy teacher, else 0.5."""
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0,
-                 sigma_data: float = 0.5, boundary_condition: bool = False, schedule: NoiseSchedule | None = None,
-                 condition_dim: int = 0):
+                 sigma_data: float | None = None, boundary_condition: bool = False,
+                 schedule: NoiseSchedule | None = None, condition_dim: int = 0):
         super().__init__(schedule, prediction_type="x0")
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"ToyMLPDenoiser needs positive sizes, got dim={dim}, hidden={hidden}, depth={depth}")
         if num_classes > 0 and condition_dim > 0:
             raise ValueError("ToyMLPDenoiser conditions on class labels (num_classes) or prompts (condition_dim), "
                              "not both")
-        self.dim, self.num_classes, self.sigma_data = dim, num_classes, sigma_data
+        self.dim, self.num_classes = dim, num_classes
+        # unset: the data law's standard deviation once a DistillationModule knows the law (data_regime), else EDM's 0.5
+        self.sigma_data_from_law = sigma_data is None
+        self.sigma_data = 0.5 if sigma_data is None else float(sigma_data)
         self.boundary_condition = boundary_condition
         self.noise_embedding = FourierFeatures(64)
         self.class_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None

@@ -21,14 +21,12 @@ from ..conditioning.condition import TextCondition
 from ..conditioning.text_encoders import EncodedText, TextEncoder
 from ..diffusion.schedules import NoiseSchedule
 from .denoiser import Denoiser
-from .gaussian_mixture import GaussianMixture
+from .mixture_law import GaussianMixture
+from .toy_laws import resolve_law
 
 
-def _law(law: str | GaussianMixture) -> GaussianMixture:
-    if isinstance(law, str):
-        from .toy_laws import get_toy_law
-        return get_toy_law(law)
-    return law
+def _law(law: str | Mapping | GaussianMixture) -> GaussianMixture:
+    return resolve_law(law)
 
 
 def validated_prompt_weights(prompt_weights: Mapping[str, Sequence[float]], num_components: int) -> dict[str, Tensor]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Mapping
 
 import torch
 
-from .gaussian_mixture import GaussianMixture
+from .mixture_law import GaussianMixture, mixture_from_spec
 
 
 def _rotation(angle: float) -> torch.Tensor:
@@ -67,5 +68,17 @@ TOY_LAWS = {"ring8": ring8, "grid25": grid25, "aniso": aniso, "digits64": digits
 
 def get_toy_law(name: str) -> GaussianMixture:
     if name not in TOY_LAWS:
-        raise ValueError(f"unknown toy law {name!r}; expected one of {sorted(TOY_LAWS)}")
+        raise ValueError(f"unknown toy law {name!r}; expected one of {sorted(TOY_LAWS)} or a mapping with weights / "
+                         "means / covariances (see lightning_modules.networks.mixture_law.mixture_from_spec)")
     return TOY_LAWS[name]()
+
+
+def resolve_law(law: str | Mapping[str, Any] | GaussianMixture) -> GaussianMixture:
+    """A registered name, a mapping (a YAML ``law:`` block, see ``mixture_from_spec``) or a law, as a law."""
+    if isinstance(law, GaussianMixture):
+        return law
+    if isinstance(law, str):
+        return get_toy_law(law)
+    if isinstance(law, Mapping):
+        return mixture_from_spec(law)
+    raise TypeError(f"a law is a registered name, a mapping or a GaussianMixture, got {type(law).__name__}: {law!r}")
