@@ -70,8 +70,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         student_sigmas: Sequence[float] | None = None,
         backward_simulation: bool = True,
         guidance_scale: float = 1.0,
-        generator_optimizer: OptimizerCallable = _adamw,
-        critic_optimizer: OptimizerCallable = _adamw,
+        generator_optimizer: OptimizerCallable | None = None,
+        critic_optimizer: OptimizerCallable | None = None,
         generator_lr_scheduler: LRSchedulerCallable | None = None,
         critic_lr_scheduler: LRSchedulerCallable | None = None,
         generator_clip_norm: float | None = 10.0,
@@ -123,7 +123,9 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         self.autoencoder = None if autoencoder is None else autoencoder.requires_grad_(False).eval()
         self.student_times = self._resolve_student_times(student_timesteps, student_sigmas)
         self._apply_memory_options(gradient_checkpointing, attention_backend)
-        self.generator_optimizer_factory, self.critic_optimizer_factory = generator_optimizer, critic_optimizer
+        # unset -> AdamW(1e-4, weight decay 0.01); a function default would reach the CLI as its import-path string
+        self.generator_optimizer_factory = generator_optimizer or _adamw
+        self.critic_optimizer_factory = critic_optimizer or _adamw
         self.generator_scheduler_factory, self.critic_scheduler_factory = generator_lr_scheduler, critic_lr_scheduler
         self.register_buffer("warm_started", torch.tensor(False), persistent=True)
         #: set each batch by the TwoTimeScaleUpdate callback; without it every batch updates the generator

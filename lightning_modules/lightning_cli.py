@@ -6,7 +6,7 @@ Configs are parsed in OmegaConf mode, so ``${...}`` interpolation works inside Y
 """
 from __future__ import annotations
 
-import os
+import sys
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -16,20 +16,18 @@ from lightning.pytorch.cli import LightningCLI
 import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
+from callbacks.run_guard import RunGuard
+from lightning_modules.cli_guards import GuardedCLI, check_config_files
 
 
-class DistillCLI(LightningCLI):
-    """LightningCLI with the framework's defaults (TensorBoard logger, resolved config saved per run)."""
+class DistillCLI(GuardedCLI, LightningCLI):
+    """LightningCLI with the framework's defaults (TensorBoard logger, resolved config saved per run) and the guards
+    of ``lightning_modules.cli_guards``: explicit ``--ckpt_path`` files checked (damaged, foreign, pickled objects,
+    another method) and the config's values kept over the checkpoint's; atomic checkpoint writes; RunGuard (NaN/inf
+    stops the fit before it reaches a checkpoint, unwritable checkpoint folders fail before training); an int
+    val_check_interval beyond the epoch clamped to it."""
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI torch.loads an explicit --ckpt_path for its hyperparameters before the trainer's checkpoint
-        # reader runs; check the file first so a damaged one gets the error that names it and its good neighbours.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and "://" not in str(ckpt_path) and os.path.isfile(ckpt_path):
-            from lightning_modules.checkpoint_io import check_checkpoint_file
-            check_checkpoint_file(ckpt_path)
-        super()._parse_ckpt_path()
+    guard_callback = RunGuard
 
 
 def build_cli(args: list[str] | None, run: bool) -> DistillCLI:
@@ -38,6 +36,7 @@ def build_cli(args: list[str] | None, run: bool) -> DistillCLI:
     # reaches every interpolation of it (the teacher's law, the metrics'); configs write their interpolations
     # absolute from the config's root (``${data.init_args.law}``), which this setting keeps valid under subcommands.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    check_config_files(sys.argv[1:] if args is None else list(args))  # YAML errors name the file (jsonargparse's don't)
     return DistillCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+"},

@@ -1,10 +1,12 @@
-"""Latent teachers from a local diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3, PixArt).
+"""Teachers from a local diffusers pipeline folder: latent text-to-image (Stable Diffusion 1.x/2.x, SDXL, SD3,
+PixArt) and pixel-space (DDPMPipeline / DDIMPipeline folders: a UNet2DModel, unconditional or class-conditional).
 
     teacher:     {class_path: lightning_modules.pipelines.LatentTeacher, init_args: {pipeline_path: /models/sd15}}
     autoencoder: {class_path: lightning_modules.networks.LatentAutoencoder, init_args: {pretrained_path: /models/sd15}}
 
 ``LatentTeacher(pipeline_path)`` reads ``model_index.json`` and ``scheduler/scheduler_config.json`` and returns the
-framework's Denoiser for the folder's backbone -- ``DiffusersUNetDenoiser`` (unet/, UNet2DConditionModel) or a
+framework's Denoiser for the folder's backbone -- ``DiffusersUNetDenoiser`` (unet/: UNet2DConditionModel, or
+UNet2DModel whose data shape is the image itself, so no autoencoder is configured) or a
 transformer denoiser (transformer/: SD3Transformer2DModel, PixArtTransformer2DModel) -- with the teacher's own noise
 schedule mapped onto the framework's time parameterisation (``schedule_from_scheduler_config``):
 
@@ -91,10 +93,11 @@ class LatentTeacher(Denoiser):
             vae_scale_factor = 2 ** (len(channels) - 1)
         if "unet" in index:
             unet_class = index["unet"][1] if isinstance(index["unet"], list) else "UNet2DConditionModel"
-            if unet_class != "UNet2DConditionModel":
-                raise ValueError(f"{pipeline_path}: unet class {unet_class!r} is not supported (UNet2DConditionModel)")
+            if unet_class not in ("UNet2DConditionModel", "UNet2DModel"):
+                raise ValueError(f"{pipeline_path}: unet class {unet_class!r} is not supported (UNet2DConditionModel, "
+                                 "or UNet2DModel for pixel-space pipelines such as DDPMPipeline)")
             teacher = DiffusersUNetDenoiser(pretrained_path=pipeline_path, subfolder="unet",
-                                            unet_class="UNet2DConditionModel", prediction_type=prediction,
+                                            unet_class=unet_class, prediction_type=prediction,
                                             schedule=schedule, vae_scale_factor=vae_scale_factor,
                                             torch_dtype=torch_dtype)
             if gradient_checkpointing:

@@ -12,3 +12,4 @@ from .lora import LoRACritic
 from .autoencoder import LatentAutoencoder
 from .prompted_mixture import MixturePromptEncoder, PromptedMixtureTeacher
 from .transformer_teachers import PixArtTransformerDenoiser, SD3TransformerDenoiser
+from .edm_pickle import EDMPickleTeacher
