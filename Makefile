@@ -36,6 +36,15 @@ demo: $(STAMP)
 demo-t2i: $(STAMP)
 	$(PY) scripts/demo_t2i.py --out demo-t2i-output $(DEMO_ARGS)
 
+## MNIST training images (32x32 PNG) with the teacher's own captions -> data/mnist-t2i-pairs, the image-text pair
+## regime of experiments/mnist_t2i/pairs (about 30 s; PAIRS_ARGS="--num-images N"; a no-op once the folder is there)
+MNIST_T2I_PAIRS ?= data/mnist-t2i-pairs
+.PHONY: mnist-t2i-pairs
+mnist-t2i-pairs: $(MNIST_T2I_PAIRS)/metadata.jsonl
+
+$(MNIST_T2I_PAIRS)/metadata.jsonl: | $(STAMP)
+	$(PY) scripts/make_mnist_image_text.py --out $(MNIST_T2I_PAIRS) $(PAIRS_ARGS)
+
 ## the toy counterpart: DMD2 on the exact 8-mode-ring teacher, ground-truth metrics printed as it trains
 demo-toy: $(STAMP)
 	$(VENV)/bin/distill fit -c experiments/toy/ring8/dmd2.yaml
