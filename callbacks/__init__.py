@@ -2,6 +2,7 @@
 from .ema import StudentEMA
 from .fid import FIDCallback
 from .ground_truth import GroundTruthMetrics
+from .run_guard import RunGuard
 from .samples import SampleImages
 from .ttur import TwoTimeScaleUpdate
 from .text_metrics import TextToImageMetrics

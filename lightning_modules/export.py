@@ -23,6 +23,7 @@ One student step from noise z is x0 = G(x_T, T) with x_T = sigma(T) z. In diffus
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -84,6 +85,14 @@ def _check_target(folder: str, overwrite: bool) -> None:
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
         raise FileExistsError(f"export folder {folder!r} exists and is not empty; choose another folder or pass "
                               "overwrite=True (distill export --overwrite true) to replace it")
+    # os.makedirs below would say only "[Errno 17] File exists: <some ancestor>" or "Permission denied"
+    ancestor = os.path.dirname(folder)
+    while ancestor and not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+        raise NotADirectoryError(f"export folder {folder!r} cannot be created: {ancestor!r} is a file, not a folder")
+    if os.path.isdir(ancestor) and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"export folder {folder!r} cannot be created: {ancestor!r} is not writable")
 
 
 def _move_into_place(staging: str, folder: str, overwrite: bool) -> None:
@@ -329,14 +338,19 @@ def one_step_sample_from_export(folder: str, noise: torch.Tensor, class_labels: 
 # --------------------------------------------------------------------------------------------------- checkpoints
 def load_checkpoint_for_export(module, ckpt_path: str, use_ema: bool = True):
     """Load a Lightning checkpoint's weights into ``module`` (``weights_only=True``) and, when the checkpoint holds a
-    StudentEMA average and ``use_ema``, attach it as ``module.evaluation_student`` (as the callback does in training)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    StudentEMA average and ``use_ema``, attach it as ``module.evaluation_student`` (as the callback does in training).
+    Errors name the file: missing, damaged, not a Lightning checkpoint, pickled objects (refused, never run), or
+    weights that do not fit the model the config builds (``CheckpointMismatchError`` naming the parameters)."""
+    from .checkpoint_io import load_lightning_checkpoint
+
+    checkpoint = load_lightning_checkpoint(ckpt_path, map_location="cpu")
     state = checkpoint["state_dict"]
     prefix = "evaluation_student."
     own = {k: v for k, v in state.items() if not k.startswith(prefix)}
     evaluation = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     _set_evaluation_network(module, None)
-    module.load_state_dict(own, strict=True)
+    with _naming_the_checkpoint(ckpt_path, checkpoint, module):
+        module.load_state_dict(own, strict=True)
     average = None
     for key, value in (checkpoint.get("callbacks") or {}).items():
         if "StudentEMA" in str(key) and isinstance(value, dict) and value.get("average") is not None:
@@ -345,9 +359,23 @@ def load_checkpoint_for_export(module, ckpt_path: str, use_ema: bool = True):
     ema_state = average if average is not None else (evaluation or None)
     if use_ema and ema_state:
         ema = copy.deepcopy(module.averaged_network())
-        ema.load_state_dict(ema_state, strict=True)
+        with _naming_the_checkpoint(ckpt_path, checkpoint, module, part="its StudentEMA average"):
+            ema.load_state_dict(ema_state, strict=True)
         _set_evaluation_network(module, ema.requires_grad_(False).eval())
     return module
+
+
+@contextlib.contextmanager
+def _naming_the_checkpoint(ckpt_path: str, checkpoint: dict, module, part: str = "its weights"):
+    """torch's load_state_dict error names parameters and shapes but not the file, nor the method that wrote it."""
+    from .checkpoint_io import checkpoint_mismatch
+
+    try:
+        yield
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        raise checkpoint_mismatch(ckpt_path, error, module, checkpoint, part) from error
 
 
 def _set_evaluation_network(module, network) -> None:
