@@ -202,7 +202,7 @@ def test_bad_values_are_named(tmp_path, kwargs, named):
 def _recording_module(root):
     torch.manual_seed(0)
     schedule = EDMSchedule()
-    student = ToyMLPDenoiser(2, hidden=64, depth=3)
+    student = ToyMLPDenoiser(2, hidden=64, depth=3, sigma_data=0.5)  # as the shipped configs (measured there)
     module = DisBack(teacher=GaussianMixtureTeacher("ring8", schedule), student=student, path_dir=str(root),
                      warm_start_steps=300, path_steps=200, path_checkpoints=4, path_lr=1e-3, path_interval=5)
     module.setup("fit")  # the warm start: the initial student, and the start of the path (exact teacher)
@@ -232,7 +232,8 @@ def test_recorded_path_moves_monotonically_from_teacher_toward_the_initial_stude
     eps = torch.randn(n, 2, generator=generator)
     weight = dsm_weight(schedule, t, "edm")
     on_student, on_data = [], []
-    network = ToyMLPDenoiser(2, hidden=64, depth=3, schedule=schedule)
+    # sigma_data is not in a state dict: evaluate the nodes at the student's
+    network = ToyMLPDenoiser(2, hidden=64, depth=3, schedule=schedule, sigma_data=student.sigma_data)
     with torch.no_grad():
         for node in manifest["nodes"]:
             load_node_strictly(network, directory, node)

@@ -74,6 +74,7 @@ def _own_law_config(tmp_path, method="dmd2"):
         "name: three_blobs\nweights: [0.5, 0.3, 0.2]\nmeans: [[0, 0, 0], [3, 0, 0], [0, 3, 1]]\n"
         "stds: [0.2, 0.3, 0.4]\n", "  "), "    ")
     config = source.replace("    law: ring8\n", law_yaml).replace("init_args: {dim: 2,", "init_args: {dim: 3,")
+    config = config.replace("sigma_data: 0.5}", "sigma_data: null}")  # the ring configs pin their tuned 0.5
     assert config != source and "dim: 3" in config
     path = tmp_path / f"{method}.yaml"
     path.write_text(config)
@@ -100,12 +101,14 @@ def test_one_command_line_override_reaches_every_interpolation(tmp_path):
     inline = "--data.init_args.law={name: two, means: [[-1, 0], [1, 0]], std: 0.25}"
     cli = build("experiments/toy/ring8/dmd2.yaml", inline)
     assert cli.model.teacher.law.name == "two" and same_law(cli.model.teacher.law, cli.datamodule.law)
-    assert cli.model.student.sigma_data == pytest.approx(((1 + 2 * 0.25 ** 2) / 2) ** 0.5)  # per-axis variances 1 + s², s²
+    assert cli.model.student.sigma_data == 0.5  # the ring config pins it (a YAML null derives it, tested above)
+    assert law_sigma_data(cli.datamodule.law) == pytest.approx(((1 + 2 * 0.25 ** 2) / 2) ** 0.5)  # axes: 1 + s², s²
 
 
 def test_an_explicit_sigma_data_is_kept():
-    cli = build("experiments/toy/ring8/dmd2.yaml", "--model.init_args.student.init_args.sigma_data=0.5")
-    assert cli.model.student.sigma_data == 0.5 and not cli.model.student.sigma_data_from_law
+    cli = build("experiments/toy/ring8/dmd2.yaml", "--model.init_args.student.init_args.sigma_data=0.3")
+    assert cli.model.student.sigma_data == cli.model.critic.sigma_data == 0.3
+    assert not cli.model.student.sigma_data_from_law
 
 
 def test_a_teacher_law_that_differs_from_the_data_law_is_refused_before_training(tmp_path):

@@ -613,7 +613,8 @@ def fit_conditional_ring(method_cls, batches: int, **kwargs):
     law = paired_ring8()
     adam = lambda params: torch.optim.Adam(params, lr=1e-4, betas=(0.0, 0.99))
     module = method_cls(teacher=GaussianMixtureTeacher(law, EDMSchedule()),
-                        student=ToyMLPDenoiser(2, hidden=256, depth=4, num_classes=4), warm_start_steps=1000,
+                        student=ToyMLPDenoiser(2, hidden=256, depth=4, num_classes=4, sigma_data=0.5),
+                        warm_start_steps=1000,
                         lora_rank=16, lora_alpha=16, generator_optimizer=adam, critic_optimizer=adam,
                         generator_lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 800),
                         critic_lr_scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4000), **kwargs)
