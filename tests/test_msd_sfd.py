@@ -251,8 +251,11 @@ def test_msd_converges_on_conditional_ring_with_two_students(tmp_path):
           f", per-mode KL {before['per_mode_kl']:.3f} -> {after['per_mode_kl']:.3f}, class accuracy "
           f"{after['class_accuracy']:.4f}")
     assert after["per_mode_kl"] * 4 < before["per_mode_kl"]
-    assert after["sliced_w2"] * 1.4 < before["sliced_w2"]
+    # sliced W2 against 4 reference sets falls 1.2-1.45x (reference seeds 12-15); the 1.4x this once asserted held
+    # only for one lucky reference set, SW2 at n = 3000 being dominated by mode-weight noise (see sample_metrics)
+    assert after["sliced_w2"] * 1.15 < before["sliced_w2"]
     assert after["sliced_w2"] < 1.5 * after["sliced_w2_floor"]
+    assert after["off_manifold"] * 3 < before["off_manifold"]  # 11% -> 2.6%
     assert after["class_accuracy"] > 0.99 and after["modes_covered"] == 8
 
 

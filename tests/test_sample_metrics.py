@@ -15,6 +15,7 @@ from lightning_modules.evaluation.sample_metrics import (
     ground_truth_metrics,
     knn_precision_recall,
     lightest_mode_weight,
+    low_density_mass,
     mmd_rbf,
     mode_assignment,
     mode_weight_tv,
@@ -206,15 +207,26 @@ def test_per_mode_kl_high_dim_underpopulated_is_finite():
 
 
 # ----------------------------------------------------------------------------- off-manifold
-def test_off_manifold_mass(law3):
+def test_low_density_mass(law3):
     g = _gen(15)
     ref, _ = law3.sample(20000, generator=g)
     x, _ = law3.sample(20000, generator=g)
     q = 0.01
-    exact = off_manifold_mass(x, law3, ref, quantile=q)
+    exact = low_density_mass(x, law3, ref, quantile=q)
     assert abs(exact - q) < 0.003
     blurred = x + 0.5 * torch.randn(x.shape, generator=g, dtype=F64)
-    assert off_manifold_mass(blurred, law3, ref, quantile=q) > 3.0 * q
+    assert low_density_mass(blurred, law3, ref, quantile=q) > 3.0 * q
+
+
+def test_off_manifold_mass_exact_and_blurred(law3):
+    g = _gen(15)
+    x, _ = law3.sample(20000, generator=g)
+    exact = off_manifold_mass(x, law3, quantile=0.99)
+    assert 0.008 < exact <= 0.0115  # <= 1 - q up to sampling noise (sd ~0.0007)
+    blurred = x + 0.5 * torch.randn(x.shape, generator=g, dtype=F64)
+    assert off_manifold_mass(blurred, law3, quantile=0.99) > 3.0 * 0.01
+    # a non-finite sample is off-manifold, not silently on it
+    assert off_manifold_mass(torch.full((4, 2), float("nan"), dtype=F64), law3) == 1.0
 
 
 # ----------------------------------------------------------------------------- precision / recall
@@ -275,19 +287,26 @@ def test_mmd_detects_covariance_inflation(law3):
 # ----------------------------------------------------------------------------- all together
 EXPECTED_KEYS = {
     "sliced_w2",
+    "sliced_w2_std",
     "mmd",
+    "mmd_floor_std",
     "modes_covered",
+    "modes_dropped",
     "num_modes",
     "mode_weight_tv",
     "per_mode_kl",
     "off_manifold",
+    "off_manifold_exact",
     "precision",
     "recall",
     "sliced_w2_floor",
+    "sliced_w2_floor_std",
+    *(f"sliced_w2_floor_ref{j}" for j in range(4)),
     "mmd_floor",
     "mode_weight_tv_floor",
     "per_mode_kl_floor",
     "sliced_w2_ratio",
+    "sliced_w2_ratio_std",
 }
 
 
@@ -309,7 +328,7 @@ def test_ground_truth_metrics_exact_and_collapsed(law3):
     x_bad = torch.where((comp == 2)[:, None], x_bad - law3.means[2] + law3.means[0], x_bad)
     bad = ground_truth_metrics(x_bad, law3, generator=_gen(19))
     assert bad["sliced_w2_ratio"] > 3.0
-    assert bad["modes_covered"] == 2.0
+    assert bad["modes_covered"] == 2.0 and bad["modes_dropped"] == 1.0
     assert bad["mode_weight_tv"] > 0.15
     assert bad["per_mode_kl"] > 10.0 * bad["per_mode_kl_floor"]
     assert bad["mmd"] > 10.0 * bad["mmd_floor"]
