@@ -9,7 +9,10 @@
     (DMD2's main/edm/edm_guidance.py: compute_loss_fake draws randint(0, num_train_timesteps));
 (d) f-distill / Uni-Instruct ratio bins: equal slices of native time, i.e. of sigma on EDM (NVlabs FastGen's
     FdistillModel), with the Karras-ramp slices behind ratio_bin_spacing="karras_ramp";
-clipping: SiD, SiDA and Diff-Instruct default to no gradient clipping (their releases clip nothing), the rest to 10.
+clipping: SiD, SiDA and Diff-Instruct default to no gradient clipping (their releases clip nothing), the rest to 10;
+(b) consistency distillation's target network: theta- starts as theta and every update, the first included, is an
+    EMA step (Song et al. 2023, Alg. 2; openai/consistency_models' target-model update), not a copy;
+(e) a consistency student whose parameterisation breaks f(x, t_min) = x is warned about by name when built.
 """
 from __future__ import annotations
 
@@ -353,3 +356,44 @@ def test_clipping_defaults_through_the_cli():
                              ("experiments/toy/ring8/dmd2.yaml", 10.0), ("experiments/toy/ring8/sim.yaml", 10.0)]:
         model = build(config).model
         assert (model.hparams.generator_clip_norm, model.hparams.critic_clip_norm) == (expected, expected), config
+
+
+# ------------------------------------------------------------------ (b), (e): consistency distillation's target network
+def _cd(boundary_condition=True, decay=0.95):
+    from lightning_modules.methods import ConsistencyDistillation
+
+    schedule = EDMSchedule()
+    torch.manual_seed(0)
+    student = ToyMLPDenoiser(2, hidden=32, depth=2, boundary_condition=boundary_condition, sigma_data=0.5)
+    return ConsistencyDistillation(teacher=GaussianMixtureTeacher("ring8", schedule), student=student,
+                                   target_ema_decay=decay, warm_start_steps=0)
+
+
+def test_cd_target_first_update_is_an_ema_step_not_a_copy():
+    """Song et al. 2023, Alg. 2: theta- <- theta once, then theta- <- mu theta- + (1 - mu) theta after each update;
+    torch's AveragedModel alone would make the first update a copy of the updated online weights."""
+    module = _cd(decay=0.9)
+    start = {k: v.clone() for k, v in module.student.state_dict().items()}
+    assert all(torch.equal(v, module.target_student.module.state_dict()[k]) for k, v in start.items())
+    with torch.no_grad():
+        for parameter in module.student.parameters():
+            parameter.add_(1.0)
+    module.on_generator_step_end()
+    for name, value in module.target_student.module.named_parameters():
+        torch.testing.assert_close(value, 0.9 * start[name] + 0.1 * (start[name] + 1.0))
+    module.on_generator_step_end()  # the second update averages again, from the first's result
+    for name, value in module.target_student.module.named_parameters():
+        torch.testing.assert_close(value, 0.9 * (start[name] + 0.1) + 0.1 * (start[name] + 1.0))
+
+
+def test_cd_warns_when_the_student_breaks_the_boundary_condition():
+    from lightning_modules.methods.consistency import boundary_error
+
+    with pytest.warns(UserWarning, match=r"breaks the boundary condition f\(x, t_min\) = x"):
+        module = _cd(boundary_condition=False)
+    assert boundary_error(module.student, module.schedule) > 1e-4
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = _cd(boundary_condition=True)
+    assert boundary_error(module.student, module.schedule) < 1e-6
