@@ -96,8 +96,9 @@ class RunGuard(Callback):
                      None)
         raise NonFiniteTrainingError(
             f"non-finite gradient at global step {trainer.global_step} (epoch {trainer.current_epoch}, optimizer "
-            f"{index}): {where}; losses last logged: {_logged_losses(trainer)}. The fit was stopped before this "
-            f"update, so the weights and the checkpoints written so far are finite{_last_checkpoint(trainer)}. "
+            f"{index}): {where}; losses logged at the previous step: {_logged_losses(trainer)}. The fit was stopped "
+            "before this update, so the weights and the checkpoints written so far are finite"
+            f"{_last_checkpoint(trainer)}. "
             "Usual causes: a learning rate too high, no gradient clipping, fp16 overflow, NaN in the data.")
 
     # ------------------------------------------------------------------ checkpoints

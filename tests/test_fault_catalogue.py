@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -473,10 +472,12 @@ def _(c):
 def _(c):
     good = c.fixture("toy_ckpt")
     before = snapshot(good)
-    with pytest.warns(UserWarning, match=r"the config's guidance_scale=3\.0 \(checkpoint: 1\.0\); the config's values "
-                                         r"are used"):
+    with pytest.warns(UserWarning, match="the config's values are used") as record:
         cli = fit(f"--ckpt_path={good}", "--trainer.max_epochs=2", "--trainer.max_steps=-1",
                   "--model.init_args.guidance_scale=3.0", run_dir=c.tmp / "run")
+    notes = [str(w.message) for w in record if "the config's values are used" in str(w.message)]
+    assert notes == [f"--ckpt_path {good}: the config's guidance_scale=3.0 (checkpoint: 1.0); the config's values "
+                     "are used"]  # that value alone: the others are the checkpoint's
     assert cli.model.hparams.guidance_scale == 3.0 and cli.trainer.global_step == 12  # resumed at 6, trained on
     assert snapshot(good) == before
 
@@ -702,13 +703,17 @@ def _(c):
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def _long_run(run: Path, ckpts: Path) -> list[str]:
+    """``distill fit`` arguments of a 6-batch toy run (12 optimizer steps), last.ckpt every 2 batches."""
+    return ["fit", *TOY, f"--trainer.default_root_dir={run}", "--trainer.max_steps=12",
+            "--data.init_args.batches_per_epoch=6", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={ckpts}", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.save_top_k=0", "--trainer.callbacks.every_n_train_steps=4"]
+
+
 def _distill_subprocess(run: Path, ckpts: Path, *args, **env) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lightning_modules.cli", "fit", *TOY, f"--trainer.default_root_dir={run}",
-               "--trainer.max_steps=12", "--data.init_args.batches_per_epoch=6",
-               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={ckpts}",
-               "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0",
-               "--trainer.callbacks.every_n_train_steps=4", *args]
+    command = [sys.executable, "-m", "lightning_modules.cli", *_long_run(run, ckpts), *args]
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env)
     return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=open(run / "log.txt", "w"),
                             stderr=subprocess.STDOUT)
@@ -725,10 +730,7 @@ def _kill_when(process: subprocess.Popen, marker: Path, log: Path) -> None:
 
 
 def _resume_to_the_end(c: Context, run: Path, ckpts: Path) -> None:
-    cli = main(["fit", *TOY, f"--trainer.default_root_dir={run}", "--trainer.max_steps=12",
-                "--data.init_args.batches_per_epoch=6", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                f"--trainer.callbacks.dirpath={ckpts}", "--trainer.callbacks.save_last=true",
-                "--trainer.callbacks.save_top_k=0", "--trainer.callbacks.every_n_train_steps=4", "--ckpt_path=last"])
+    cli = main([*_long_run(run, ckpts), "--ckpt_path=last"])
     assert cli.trainer.ckpt_path == str(ckpts / "last.ckpt") and cli.trainer.global_step == 12
     assert checkpoint_files(ckpts) == [str(ckpts / "last.ckpt")]  # a dead writer's temporary was cleared
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
