@@ -35,9 +35,6 @@ NOT_PROMPT_ONLY = {
                 "experiments/mnist_t2i/pairs/fdistill.yaml",
     "uni_instruct": "the discriminator that estimates the density ratio is trained on real versus generated samples: "
                     "experiments/mnist_t2i/pairs/uni_instruct.yaml",
-    "msd": "its students are routed by class id; text prompts carry no routing classes",
-    "sfd": "forgetting is defined on class ids (forget_classes / override_classes)",
-    "disback": "stage 1 records the degradation path with sampled class labels; text-conditioned recording is open",
 }
 
 
@@ -84,6 +81,12 @@ def test_config_builds_and_steps_on_prompts_only(config, tmp_path):
     assert set(batch) == {"noise", "cond", "prompts"} and isinstance(batch["cond"], TextCondition)
     assert batch["cond"].labels is not None  # label_parser: prompt adherence can be scored
     module.setup("fit")
+    if hasattr(module, "attach_prompts"):  # SFD's override prompts, DisBack's stage-1 prompts (fit: trainer.datamodule)
+        module.attach_prompts(datamodule)
+    if hasattr(module, "prepare_path"):  # DisBack: a two-step stage-1 recording on the prompts, then stage 2
+        module.path_steps, module.path_checkpoints, module.path_batch_size = 2, 1, 4
+        module.path_dir = str(tmp_path / "degradation-paths")
+        assert len(module.prepare_path()["nodes"]) == 2
     module.train()
     for phase in ("critic", "generator"):
         parameters = list(module.critic_parameters() if phase == "critic" else module.generator_parameters())

@@ -19,6 +19,12 @@ interval), so the walk takes N * path_interval generator updates and the rest of
 (The two stages follow the paper's abstract and the authors' public code; its section and equation numbers could not
 be checked here, so none are cited.)
 
+Text-to-image (experiments/mnist_t2i/disback.yaml): stage 1's conditions are prompts instead of class labels -- each
+sample's prompt drawn uniformly from the prompt datamodule's training prompts (``trainer.datamodule``, or
+``attach_prompts``) and encoded by it, with ``path_label_dropout`` dropping to the empty / negative prompt; the prompt
+set's hash is part of the recording's fingerprint and manifest. Stage 2 is unchanged (the path network is a copy of
+the latent teacher and is guided like it).
+
 Where the teacher has weights (MNIST: assets/mnist-teacher) the path network is a copy of it. The toy suite's exact
 Gaussian-mixture teacher has none, so the path starts from the student's warm start (a network regressed onto the
 exact teacher, see warm_start.py) and the final stage uses the exact teacher itself.
@@ -51,6 +57,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..conditioning.condition import TextCondition, drop_conditions
 from ..diffusion.guidance import classifier_free_guidance
 from ..losses import denoising_score_matching, dsm_weight
 from .dmd2 import DMD2
@@ -188,8 +195,8 @@ def record_degradation_path(network: nn.Module, sample_student: Callable, schedu
     """Stage 1 (Degradation Recording): fit a copy of ``network`` (which holds the teacher's score) to samples of the
     initial student by denoising score matching for ``steps`` Adam steps, recording it at step 0 and at ``checkpoints``
     evenly spaced steps up to ``steps``. ``sample_student(n, generator) -> (x0, cond)`` draws without gradient.
-    Conditional paths see the null label with probability ``label_dropout`` so the unconditional branch used by
-    guidance degrades too. Seeded and RNG-isolated, so every rank would record the same path. Returns the manifest
+    Conditional paths see the null label (prompts: the empty / negative prompt) with probability ``label_dropout`` so
+    the unconditional branch used by guidance degrades too. Seeded and RNG-isolated, so every rank would record the same path. Returns the manifest
     with the per-step losses under "losses"."""
     if steps < 1 or not 1 <= checkpoints <= steps:
         raise ValueError(f"need steps >= 1 and 1 <= checkpoints <= steps, got steps={steps}, checkpoints={checkpoints}")
@@ -207,9 +214,10 @@ def record_degradation_path(network: nn.Module, sample_student: Callable, schedu
             t = time_sampler(batch_size, schedule, generator).to(device)
             noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
             x_t = schedule.add_noise(x0, noise, t)
-            if cond is not None and null_label is not None and label_dropout > 0:
+            if cond is not None and label_dropout > 0 and (null_label is not None or isinstance(cond, TextCondition)):
+                # class labels drop to the null label, prompts to their empty / negative prompt
                 drop = (torch.rand(batch_size, generator=generator) < label_dropout).to(cond.device)
-                cond = torch.where(drop, torch.full_like(cond, null_label), cond)
+                cond = drop_conditions(cond, drop, null_label)
             loss = denoising_score_matching(work(x_t, t, cond), x0, dsm_weight(schedule, t, weighting)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -271,6 +279,24 @@ class DisBack(DMD2):
         self._path_manifest: dict | None = None
         self._loaded_node: int | None = None
         self._real_from_path = False
+        self._prompt_source = None
+
+    def attach_prompts(self, datamodule) -> None:
+        """The prompt datamodule stage 1 samples its conditions from on a text-conditioned teacher (fit uses
+        ``trainer.datamodule``)."""
+        self._prompt_source = datamodule
+
+    def _prompt_set(self):
+        """(datamodule, training prompts, their concept ids or None) for text-conditioned recording."""
+        source = self._prompt_source
+        if source is None and self._trainer is not None:
+            source = self.trainer.datamodule
+        if source is None or not hasattr(source, "conditions") or not getattr(source, "prompts", None):
+            raise ValueError("DisBack on a text-conditioned teacher records stage 1 on prompts of the prompt "
+                             "datamodule (PromptDataModule): run under trainer.fit with one, or call "
+                             "attach_prompts(datamodule)")
+        source.setup("fit")
+        return source, list(source.prompts), getattr(source, "labels", None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -323,7 +349,16 @@ class DisBack(DMD2):
                 "weighting": self.critic_weighting, "label_dropout": self.path_label_dropout,
                 "time_sampler": f"{type(sampler).__name__}{sorted(vars(sampler).items())}",
                 "student_times": self.student_times.tolist(), "start_sha256": state_sha256(self.path_network),
-                "initial_student_sha256": state_sha256(self.student)}
+                "initial_student_sha256": state_sha256(self.student), **self._prompt_settings()}
+
+    def _prompt_settings(self) -> dict:
+        """For a text-conditioned teacher: the identity of the prompt set stage 1 samples (part of the fingerprint,
+        so another prompt set records another path); nothing for class labels (their fingerprints are unchanged)."""
+        if not getattr(self.teacher, "text_conditioned", False):
+            return {}
+        _, prompts, _ = self._prompt_set()
+        return {"conditions": "prompts", "num_prompts": len(prompts),
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
     def _record_or_reuse(self) -> str:
         """Record into <root>/<fingerprint>; a directory already holding this exact recording is reused, and no
@@ -348,22 +383,38 @@ class DisBack(DMD2):
         if shape is None:
             raise ValueError(f"recording a degradation path needs the data shape; {type(self.teacher).__name__} "
                              "does not report one")
-        classes = getattr(self.path_network, "num_classes", 0) or 0
-        conditional = classes > 0 and (getattr(self.teacher, "num_classes", 0) or 0) > 0
-        law = getattr(self.teacher, "law", None)
-        class_weights = law.class_weights() if law is not None and conditional else torch.ones(max(classes, 1))
+        if getattr(self.teacher, "text_conditioned", False):
+            # prompts: each stage-1 sample's condition is a training prompt drawn uniformly (with its concept id where
+            # the prompt set has one), encoded by the prompt datamodule -- the text analogue of the sampled labels
+            source, prompts, labels = self._prompt_set()
+            label_table = None if labels is None else torch.as_tensor(labels)
 
-        def sample_student(n: int, generator: torch.Generator):
-            noise = torch.randn((n, *shape), generator=generator).to(self.device)
-            cond = torch.multinomial(class_weights, n, replacement=True, generator=generator).to(self.device) \
-                if conditional else None
-            with torch.no_grad():
-                return self.generator_training_sample({"noise": noise, "cond": cond}), cond
+            def sample_student(n: int, generator: torch.Generator):
+                noise = torch.randn((n, *shape), generator=generator).to(self.device)
+                index = torch.randint(len(prompts), (n,), generator=generator)
+                cond = source.conditions([prompts[i] for i in index.tolist()],
+                                         None if label_table is None else label_table[index]).to(self.device)
+                with torch.no_grad():
+                    return self.generator_training_sample({"noise": noise, "cond": cond}), cond
+            conditional, classes = True, None
+        else:
+            classes = getattr(self.path_network, "num_classes", 0) or 0
+            conditional = classes > 0 and (getattr(self.teacher, "num_classes", 0) or 0) > 0
+            law = getattr(self.teacher, "law", None)
+            class_weights = law.class_weights() if law is not None and conditional else torch.ones(max(classes, 1))
+
+            def sample_student(n: int, generator: torch.Generator):
+                noise = torch.randn((n, *shape), generator=generator).to(self.device)
+                cond = torch.multinomial(class_weights, n, replacement=True, generator=generator).to(self.device) \
+                    if conditional else None
+                with torch.no_grad():
+                    return self.generator_training_sample({"noise": noise, "cond": cond}), cond
+            classes = classes if conditional else None
 
         return record_degradation_path(
             self.path_network, sample_student, self.schedule, directory, self.path_steps, self.path_checkpoints,
             self.critic_time_sampler, self.critic_weighting, self.path_lr, self.path_batch_size,
-            seed=self.hparams.seed, null_label=classes if conditional else None,
+            seed=self.hparams.seed, null_label=classes,
             label_dropout=self.path_label_dropout if conditional else 0.0, method="DisBack",
             start="teacher weights" if self.teacher_has_weights else "student warm start regressed onto the teacher",
             **metadata)

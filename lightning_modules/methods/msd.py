@@ -28,6 +28,17 @@ explicitly, e.g. a copy of the teacher) is also supported and has the same targe
 is E[x0 | x_t, c] under the law of G_k(c)(z, c), exactly the owning student's law for that class; it differs only in
 sharing capacity (and one optimizer) across students, which is this framework's option, not the paper's.
 
+Text-to-image (prompt-only, experiments/mnist_t2i/msd.yaml). The partition is over routing keys of the prompts
+(``ConditionRoutedStudents.routing_key``, see lightning_modules/networks/routing.py): ``label`` -- the prompt's class /
+concept id (``TextCondition.labels``, from the prompt datamodule's ``label_parser`` / ``label_column``; for the MNIST
+captions the digit), the direct analogue of the class partition; or ``embedding_hash`` -- with no labels, a
+deterministic SimHash code of the prompt embedding (random-hyperplane LSH, Charikar 2002), which keeps prompts with
+similar embeddings on one student. (The paper partitions the conditioning data into subsets per student; how it
+partitions text prompts could not be checked here, so no specific scheme is claimed to be the paper's.) Rows of the
+TextCondition reach their student through ``select_conditions``; the per-student balance and critics work unchanged.
+Same-sized students start as copies of the teacher (the pipeline loaded again per student) with
+``warm_start_steps: 0``; stage 1 (TSM) for smaller students draws (image, label) pairs and so needs class labels.
+
 Coupling that remains between the students: one optimizer (Adam is per-parameter, so no coupling there) and one
 gradient clip norm over all students' parameters (``generator_clip_norm``).
 """
@@ -243,6 +254,8 @@ def export_msd_students(module: MSD, folder: str, use_ema: bool = True, overwrit
         export_student(view, os.path.join(folder, name), use_ema=use_ema, overwrite=overwrite)
         names.append(name)
     routing = {"format": "lightning-distill-msd/1", "method": type(module).__name__,
+               "routing_key": module.student.routing_key, "hash_bits": module.student.hash_bits,
+               "hash_seed": module.student.hash_seed,
                "students": [{"folder": name, "classes": classes}
                             for name, classes in zip(names, module.student.classes_per_student)],
                "class_to_student": module.student.owners,

@@ -31,6 +31,23 @@ Choices, checked against the abstract and the authors' released configuration (t
     weight), so the defaults are 1.0 -- forgetting within a short run; ``forget_weight: 0.01`` gives their per-sample
     ratio of forget to kept weight.
 
+Text-to-image (concept forgetting; a prompt-conditioned teacher such as experiments/mnist_t2i/sfd.yaml). The class-id
+mechanism carries over with prompt substitution: the teacher's score for a forgotten prompt is taken at an override
+prompt, the fake score stays at the forgotten prompt, and c -> o(c) above becomes prompt -> override prompt.
+  * which prompts are forgotten: ``forget_classes`` applied to the prompts' concept ids (``TextCondition.labels``,
+    from the prompt datamodule's ``label_parser`` / ``label_column``; needs ``num_concepts``), and / or the exact
+    prompt texts in ``forget_prompts`` (matched against the batch's ``prompts``).
+  * the override prompt: ``override_prompts`` (forgotten prompt -> its override prompt), else ``recaption`` -- whole
+    words replaced at once, e.g. {"zero": "one"} re-captions "a thin handwritten zero, slanted left" as "a thin
+    handwritten one, slanted left", so the override keeps every other attribute of the prompt (the paper's
+    cross-class override with the rest of the condition held fixed). Override prompts are encoded once with the
+    prompt datamodule's encoder (``trainer.datamodule``, or ``attach_prompts``) and cached. The unconditional branch
+    of guidance (empty / negative prompt) and the guidance scale stay the sample's own.
+  * neither given (concept ids only): the override is a prompt of an override concept drawn uniformly from the same
+    batch (the analogue of the random pseudo-label); a batch without one is an error.
+The paper (abstract) reports class-conditional and text-to-image experiments; the re-captioning rule and the explicit
+prompt map are this framework's concrete form of "the override concept's score", not taken from its code.
+
 Evaluation (below): ``forgetting_report`` classifies a trained module's samples (the fraction classified as each
 forgotten class), ``kept_classes_fid`` is the FID of the kept classes only (run it on the plain DMD2 / SiD student
 too, for the comparison), and ``forgetting_target_law`` is the exact law an SFD student should reach on a toy mixture.
@@ -38,6 +55,7 @@ too, for the comparison), and ``forgetting_target_law`` is the exact law an SFD 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import torch
@@ -65,27 +83,50 @@ class SFD(SiD):
     # github.com/tqch/score-forgetting-distillation, clips both networks' gradients by value, not by norm).
     def __init__(self, *args, forget_classes: Sequence[int] = (), override_classes: Sequence[int] | None = None,
                  forget_weight: float = 1.0, critic_forget_weight: float = 1.0, num_concepts: int | None = None,
+                 forget_prompts: Sequence[str] = (), recaption: dict[str, str] | None = None,
+                 override_prompts: dict[str, str] | None = None,
                  generator_clip_norm: float | None = 10.0, critic_clip_norm: float | None = 10.0, **kwargs):
         super().__init__(*args, generator_clip_norm=generator_clip_norm, critic_clip_norm=critic_clip_norm, **kwargs)
         prompted = self.teacher.text_conditioned
-        if prompted and num_concepts is None:
+        forget_prompts = [str(p) for p in forget_prompts]
+        recaption, override_prompts = dict(recaption or {}), dict(override_prompts or {})
+        if not prompted and (forget_prompts or recaption or override_prompts):
+            raise ValueError("forget_prompts / recaption / override_prompts are for a prompt-conditioned teacher; a "
+                             "class-conditional teacher forgets forget_classes")
+        if prompted and not forget_classes and not forget_prompts:
+            raise ValueError("SFD on a prompt-conditioned teacher needs forget_classes (concept ids of the prompts' "
+                             "labels) or forget_prompts (prompts to forget)")
+        if prompted and forget_classes and num_concepts is None:
             raise ValueError("SFD on a prompt-conditioned teacher needs num_concepts (the number of concept ids in "
                              "the prompts' label column)")
-        num_classes = int(num_concepts if prompted else (getattr(self.teacher, "num_classes", 0) or 0))
-        if num_classes < 2:
-            raise ValueError(f"SFD needs a class-conditional teacher with at least 2 classes (or prompts of at least "
-                             f"2 concepts), got {num_classes}")
+        if prompted and forget_prompts and not (recaption or override_prompts):
+            missing = [p for p in forget_prompts if p not in override_prompts]
+            raise ValueError(f"forget_prompts {missing[:3]} need their override: give recaption (word -> word) or "
+                             "override_prompts (prompt -> prompt); a batch-drawn override needs concept ids")
+        for source, target in [*recaption.items(), *override_prompts.items()]:
+            if not str(source).strip() or not str(target).strip() or source == target:
+                raise ValueError(f"recaption / override_prompts entry {source!r} -> {target!r} must map a non-empty "
+                                 "text to a different non-empty text")
+        if prompted and not forget_classes:
+            num_classes = 0
+        else:
+            num_classes = int(num_concepts if prompted else (getattr(self.teacher, "num_classes", 0) or 0))
+            if num_classes < 2:
+                raise ValueError(f"SFD needs a class-conditional teacher with at least 2 classes (or prompts of at "
+                                 f"least 2 concepts), got {num_classes}")
         if not prompted and not (getattr(self.student, "num_classes", 0) or 0):
             raise ValueError("SFD needs a class-conditional student (e.g. ToyMLPDenoiser num_classes, or leave student "
                              "unset to copy the teacher)")
-        forget = _as_classes(forget_classes, "forget_classes", "forget", num_classes)
-        if not forget:
+        forget = _as_classes(forget_classes, "forget_classes", "forget", num_classes) if num_classes else []
+        if not forget and not forget_prompts:
             raise ValueError("forget_classes is empty: name at least one class to forget")
-        if override_classes is None:
+        if not num_classes:
+            override = []
+        elif override_classes is None:
             override = [c for c in range(num_classes) if c not in forget]
         else:
             override = _as_classes(override_classes, "override_classes", "override", num_classes)
-        if not override:
+        if num_classes and not override:
             raise ValueError("no override class: every class is forgotten; keep at least one")
         for label in override:
             if label in forget:
@@ -95,6 +136,11 @@ class SFD(SiD):
         if critic_forget_weight < 0:
             raise ValueError(f"critic_forget_weight must be >= 0, got {critic_forget_weight}")
         self.forget_classes, self.override_classes = forget, override
+        self.forget_prompts, self.recaption, self.override_prompts = forget_prompts, recaption, override_prompts
+        self._recaption_pattern = None if not recaption else re.compile(
+            r"\b(" + "|".join(re.escape(word) for word in sorted(recaption, key=len, reverse=True)) + r")\b")
+        self._override_cache: dict[str, TextCondition] = {}
+        self._prompt_source = None
         self.forget_weight, self.critic_forget_weight = float(forget_weight), float(critic_forget_weight)
         self.register_buffer("_forget_table", torch.tensor(forget, dtype=torch.long), persistent=False)
         self.register_buffer("_override_table", torch.tensor(override, dtype=torch.long), persistent=False)
@@ -105,12 +151,27 @@ class SFD(SiD):
         if cond is None:
             raise ValueError("SFD needs class labels in the batch (a class-conditional datamodule, e.g. "
                              "ToyMixtureDataModule conditional: true, or MNISTDataModule), or labelled prompts")
-        condition_labels(cond, "SFD")  # prompts must carry their concept id
+        if self.forget_classes:
+            condition_labels(cond, "SFD")  # prompts must carry their concept id
         return cond
 
     def is_forgotten(self, cond) -> Tensor:
         labels = condition_labels(cond, "SFD")
         return torch.isin(labels.long(), self._forget_table.to(labels.device))
+
+    def forgotten(self, batch: dict) -> Tensor:
+        """(B,) bool: the samples to forget -- a forget class / concept id, or (prompts) a prompt in forget_prompts."""
+        cond = batch.get("cond")
+        mask = self.is_forgotten(cond) if self.forget_classes else torch.zeros(len(cond), dtype=torch.bool,
+                                                                               device=cond.device)
+        if self.forget_prompts:
+            prompts = batch.get("prompts")
+            if prompts is None:
+                raise ValueError("SFD forget_prompts needs the prompt texts in the batch (PromptDataModule's "
+                                 "'prompts')")
+            wanted = set(self.forget_prompts)
+            mask = mask | torch.tensor([p in wanted for p in prompts], dtype=torch.bool, device=mask.device)
+        return mask
 
     def override_labels(self, cond: Tensor) -> Tensor:
         """One override class per sample: the fixed one, or a uniform draw from ``override_classes``."""
@@ -119,41 +180,108 @@ class SFD(SiD):
             return table.expand(cond.shape[0]).to(cond.dtype)
         return table[torch.randint(len(table), (cond.shape[0],), device=cond.device)].to(cond.dtype)
 
-    def teacher_labels(self, cond):
+    def teacher_labels(self, cond, forgotten: Tensor | None = None):
         """o(c): the condition the teacher's score is taken at (the override for forget classes, else c itself).
 
-        Prompts (concept forgetting): a forgotten prompt's teacher condition is the condition of a prompt of an
-        override concept drawn uniformly from the same batch -- the prompt-set analogue of the per-sample override
-        class draw (a batch without any prompt of an override concept is an error naming the concepts)."""
+        Prompts without a re-captioning rule (concept forgetting by id): a forgotten prompt's teacher condition is
+        the condition of a prompt of an override concept drawn uniformly from the same batch -- the prompt-set
+        analogue of the per-sample override class draw (a batch without any prompt of an override concept is an
+        error naming the concepts)."""
         if not isinstance(cond, TextCondition):
             return torch.where(self.is_forgotten(cond), self.override_labels(cond), cond)
-        forgotten = self.is_forgotten(cond)
+        forgotten = self.is_forgotten(cond) if forgotten is None else forgotten
         if not forgotten.any():
             return cond
         candidates = torch.isin(cond.labels.long(), self._override_table.to(cond.device)).nonzero(as_tuple=True)[0]
         if len(candidates) == 0:
             raise ValueError(f"SFD: this batch has forgotten prompts but no prompt of an override concept "
-                             f"{self._override_table.tolist()}; use larger batches or more override prompts")
+                             f"{self._override_table.tolist()}; use larger batches or more override prompts, or "
+                             "give recaption / override_prompts")
         donors = candidates[torch.randint(len(candidates), (len(cond),), device=cond.device)]
         source = torch.where(forgotten, donors, torch.arange(len(cond), device=cond.device))
         override = select_conditions(cond, source)
         return dataclasses.replace(override, null_embeds=cond.null_embeds, null_pooled=cond.null_pooled,
                                    null_mask=cond.null_mask, guidance=cond.guidance)
 
-    def forget_weights(self, cond, forget_weight: float) -> Tensor:
-        return torch.where(self.is_forgotten(cond), forget_weight, 1.0).to(torch.float64)
+    # ------------------------------------------------------------------ prompt substitution (text-to-image)
+    def attach_prompts(self, datamodule) -> None:
+        """The prompt datamodule whose encoder encodes override prompts (fit uses ``trainer.datamodule``)."""
+        self._prompt_source = datamodule
+
+    def override_prompt(self, prompt: str) -> str:
+        """The override concept's prompt for a forgotten prompt: ``override_prompts[prompt]``, else the prompt
+        re-captioned by ``recaption`` (whole words, all at once: {"three": "one"} turns "a thin handwritten three"
+        into "a thin handwritten one")."""
+        if prompt in self.override_prompts:
+            return self.override_prompts[prompt]
+        if self._recaption_pattern is not None:
+            target = self._recaption_pattern.sub(lambda match: self.recaption[match.group(1)], prompt)
+            if target != prompt:
+                return target
+        raise ValueError(f"SFD: forgotten prompt {prompt!r} has no override: no override_prompts entry and no "
+                         f"recaption word {sorted(self.recaption)} in it")
+
+    def _encode_prompts(self, prompts: list[str]) -> TextCondition:
+        source = self._prompt_source
+        if source is None and self._trainer is not None:
+            source = self.trainer.datamodule
+        if source is None or not hasattr(source, "evaluation_conditions"):
+            raise ValueError("SFD recaption / override_prompts encode the override prompts with the prompt "
+                             "datamodule's encoder: run under trainer.fit with a PromptDataModule, or call "
+                             "attach_prompts(datamodule)")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._override_cache]
+        if missing:
+            encoded = source.evaluation_conditions(missing)
+            for row, prompt in enumerate(missing):
+                self._override_cache[prompt] = select_conditions(encoded, torch.tensor([row]))
+        parts = [self._override_cache[p] for p in prompts]
+        return TextCondition(**{field.name: None if getattr(parts[0], field.name) is None
+                                else torch.cat([getattr(part, field.name) for part in parts])
+                                for field in dataclasses.fields(TextCondition)})
+
+    def teacher_conditions(self, batch: dict, forgotten: Tensor | None = None):
+        """The conditions the teacher is evaluated at: each forgotten sample's override (class, re-captioned or
+        mapped prompt, or a batch-drawn prompt of an override concept), every other sample's own condition. The
+        unconditional branch of guidance and the guidance scale stay the sample's own."""
+        cond = batch.get("cond")
+        forgotten = self.forgotten(batch) if forgotten is None else forgotten
+        if not isinstance(cond, TextCondition) or not (self.recaption or self.override_prompts):
+            return self.teacher_labels(cond, forgotten) if isinstance(cond, TextCondition) else self.teacher_labels(cond)
+        if not forgotten.any():
+            return cond
+        prompts = batch.get("prompts")
+        if prompts is None:
+            raise ValueError("SFD recaption / override_prompts need the prompt texts in the batch "
+                             "(PromptDataModule's 'prompts')")
+        rows = forgotten.nonzero(as_tuple=True)[0]
+        override = self._encode_prompts([self.override_prompt(prompts[int(i)]) for i in rows]).to(cond.device)
+        values = {}
+        for field in ("embeds", "pooled", "mask", "labels"):
+            own, new = getattr(cond, field), getattr(override, field)
+            if own is None or new is None:
+                values[field] = own
+                continue
+            if own.shape[1:] != new.shape[1:]:
+                raise ValueError(f"SFD: the override prompts' {field} {tuple(new.shape[1:])} differ from the batch's "
+                                 f"{tuple(own.shape[1:])}; encode both with the same encoder")
+            values[field] = own.index_copy(0, rows, new.to(own.dtype))
+        return dataclasses.replace(cond, **values)
+
+    def forget_weights(self, cond, forget_weight: float, forgotten: Tensor | None = None) -> Tensor:
+        forgotten = self.is_forgotten(cond) if forgotten is None else forgotten
+        return torch.where(forgotten, forget_weight, 1.0).to(torch.float64)
 
     # ------------------------------------------------------------------ losses
     def generator_loss(self, batch):
         cond = self._labels(batch)
-        forgotten = self.is_forgotten(cond)
+        forgotten = self.forgotten(batch)
         x_g = self.generator_training_sample(batch)
         x_t, t = self.noised(x_g, self.generator_time_sampler, with_gradient=True)
-        y_real = self.teacher_x0(x_t, t, self.teacher_labels(cond))   # cross-class target for forget classes
+        y_real = self.teacher_x0(x_t, t, self.teacher_conditions(batch, forgotten))   # cross-class / override prompt
         y_fake = self.critic(x_t, t, cond)                             # the student's own law at the requested label
         finite = torch.stack([v.flatten(1).isfinite().all(1) for v in (x_g, y_real, y_fake)]).all(0)
         per_sample = sid_generator_loss(x_g[finite], y_real[finite], y_fake[finite], self.alpha)
-        weights = self.forget_weights(cond, self.forget_weight)[finite].to(per_sample.dtype)
+        weights = self.forget_weights(cond, self.forget_weight, forgotten)[finite].to(per_sample.dtype)
         losses = {"loss": (weights * per_sample).mean(), "finite_fraction": finite.float().mean()}
         kept, forget = per_sample[~forgotten[finite]], per_sample[forgotten[finite]]
         if len(kept):
@@ -167,7 +295,7 @@ class SFD(SiD):
         with torch.no_grad():
             x_g = self.generator_training_sample(batch)
         denoising, _, _ = self.critic_denoising_loss(x_g, cond)
-        weights = self.forget_weights(cond, self.critic_forget_weight).to(denoising.dtype)
+        weights = self.forget_weights(cond, self.critic_forget_weight, self.forgotten(batch)).to(denoising.dtype)
         return {"loss": (weights * denoising).mean()}
 
 

@@ -7,7 +7,20 @@ DistillationModule's training sample and evaluation sampler, the StudentEMA aver
 checkpoints (the students' weights are ordinary submodule parameters) and a critic made by copying the student (a
 router of per-student critics with the same table).
 
-Conditions are class labels. A partition is checked when the router is built: every class in 0..num_classes-1 is
+Routing keys. ``routing_key: label`` (the default) routes by the class label, or for prompts by the prompt's class /
+concept id (``TextCondition.labels``, e.g. the digit a caption names, from the prompt datamodule's ``label_parser`` or
+``label_column``): the text analogue of MSD's class partition, and the one to use whenever the prompt set has concept
+ids. ``routing_key: embedding_hash`` needs no labels: the key of a prompt is a random-hyperplane (SimHash, Charikar,
+STOC 2002) code of its embedding -- ``hash_bits`` signs of fixed Gaussian projections (seed ``hash_seed``) of the
+prompt's pooled embedding, or where there is none the mask-weighted mean of its token embeddings -- so the keys are
+0..2**hash_bits-1 and ``classes_per_student`` partitions those. It is deterministic (computed in float64 on the CPU
+from a fixed seed, so every rank and every run agrees), depends only on the prompt, and sends prompts with similar
+embeddings to the same bucket (the collision probability of two prompts is 1 - angle / pi per bit), i.e. a coarse
+semantic partition of the prompt space as MSD wants (each student specialises on a region of the condition space).
+Buckets are not balanced; a learned partition (k-means of the prompt set's embeddings) would be, and is not
+implemented here. Rows of a TextCondition go to their student with ``select_conditions``.
+
+Conditions are class labels (or labelled / hashed prompts, above). A partition is checked when the router is built: every class in 0..num_classes-1 is
 owned by exactly one student and every student owns at least one class, else a ValueError names the class or student.
 A label without an owner (e.g. the null label of classifier-free guidance, or ``cond=None``) is an error at call
 time: a routed student has no unconditional mode.
@@ -20,8 +33,21 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.schedules import NoiseSchedule
-from ..conditioning.condition import condition_labels, select_conditions
+from ..conditioning.condition import TextCondition, condition_labels, select_conditions
 from .denoiser import Denoiser
+
+ROUTING_KEYS = ("label", "embedding_hash")
+
+
+def prompt_vectors(cond: TextCondition) -> Tensor:
+    """One vector per prompt (float64, CPU): the pooled embedding, else the mask-weighted mean of the token states."""
+    if cond.pooled is not None:
+        return cond.pooled.detach().to("cpu", torch.float64).flatten(1)
+    embeds = cond.embeds.detach().to("cpu", torch.float64)
+    if cond.mask is None:
+        return embeds.mean(1)
+    mask = cond.mask.detach().to("cpu", torch.float64).unsqueeze(-1)
+    return (embeds * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def owner_table(classes_per_student: Sequence[Sequence[int]], num_classes: int | None = None) -> list[int]:
@@ -60,8 +86,22 @@ class ConditionRoutedStudents(Denoiser):
     A student that ignores its condition and owns several classes generates one law for all of them."""
 
     def __init__(self, students: Sequence[Denoiser], classes_per_student: Sequence[Sequence[int]],
-                 num_classes: int | None = None, schedule: NoiseSchedule | None = None):
+                 num_classes: int | None = None, schedule: NoiseSchedule | None = None,
+                 routing_key: str = "label", hash_bits: int = 0, hash_seed: int = 0):
         super().__init__(None, prediction_type="x0")
+        if routing_key not in ROUTING_KEYS:
+            raise ValueError(f"unknown routing_key {routing_key!r}; expected one of {ROUTING_KEYS}")
+        if routing_key == "embedding_hash":
+            if not 1 <= hash_bits <= 16:
+                raise ValueError(f"routing_key 'embedding_hash' needs 1 <= hash_bits <= 16, got {hash_bits}")
+            if num_classes is not None and num_classes != 2 ** hash_bits:
+                raise ValueError(f"embedding_hash keys are 0..{2 ** hash_bits - 1} (hash_bits={hash_bits}); "
+                                 f"num_classes {num_classes} differs")
+            num_classes = 2 ** hash_bits
+        elif hash_bits:
+            raise ValueError("hash_bits is for routing_key 'embedding_hash'")
+        self.routing_key, self.hash_bits, self.hash_seed = routing_key, int(hash_bits), int(hash_seed)
+        self._projections: dict[int, Tensor] = {}
         if len(students) != len(classes_per_student):
             raise ValueError(f"{len(students)} students but classes_per_student has {len(classes_per_student)} "
                              "entries; give one list of classes per student")
@@ -77,6 +117,7 @@ class ConditionRoutedStudents(Denoiser):
         if len(shapes) > 1:
             raise ValueError(f"the students' data shapes differ: {sorted(shapes)}")
         self.students = nn.ModuleList(students)
+        self.text_conditioned = any(getattr(s, "text_conditioned", False) for s in students)
         self.schedule = schedule  # now that the students exist, the setter shares it with them
 
     # ------------------------------------------------------------------ one schedule for the router and its students
@@ -100,13 +141,29 @@ class ConditionRoutedStudents(Denoiser):
                                  f"{value.describe()}; omit it to share the teacher's")
 
     # ------------------------------------------------------------------ routing
+    def routing_keys(self, cond) -> Tensor:
+        """The routing key of each condition, (B,) long: its class / concept id, or its prompt's SimHash code."""
+        if self.routing_key == "label":
+            # prompts route by their concept id (TextCondition.labels), class labels by themselves
+            return condition_labels(cond, "ConditionRoutedStudents").long().reshape(-1)
+        if not isinstance(cond, TextCondition):
+            raise ValueError(f"routing_key 'embedding_hash' routes prompts (a TextCondition), got "
+                             f"{type(cond).__name__}; class labels route with routing_key 'label'")
+        vectors = prompt_vectors(cond)
+        width = vectors.shape[1]
+        if width not in self._projections:
+            generator = torch.Generator().manual_seed(self.hash_seed)
+            self._projections[width] = torch.randn((width, self.hash_bits), generator=generator, dtype=torch.float64)
+        bits = (vectors @ self._projections[width] > 0).long()
+        keys = (bits * (2 ** torch.arange(self.hash_bits))).sum(1)
+        return keys.to(cond.device)
+
     def owners_of(self, cond: Tensor | None) -> Tensor:
         """The owning student of each label, (B,) long; labels without an owner are an error naming them."""
         if cond is None:
             raise ValueError("ConditionRoutedStudents needs class labels (cond) to route each sample to its student; "
                              "got cond=None (a routed student has no unconditional mode)")
-        # prompts route by their concept id (TextCondition.labels), class labels by themselves
-        labels = condition_labels(cond, "ConditionRoutedStudents").long().reshape(-1)
+        labels = self.routing_keys(cond)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
             label = int(labels[bad][0])
@@ -141,4 +198,5 @@ class ConditionRoutedStudents(Denoiser):
         return tuple(shapes[0]) if shapes else None
 
     def extra_repr(self) -> str:
-        return f"classes_per_student={self.classes_per_student}"
+        key = "" if self.routing_key == "label" else f", routing_key=embedding_hash, hash_bits={self.hash_bits}"
+        return f"classes_per_student={self.classes_per_student}{key}"
