@@ -1,4 +1,5 @@
 """Callbacks: EMA of the student, two time-scale updates, sample pictures and ground-truth metrics."""
+from .consistency_curriculum import ConsistencyCurriculum
 from .ema import StudentEMA
 from .fid import FIDCallback
 from .ground_truth import GroundTruthMetrics

@@ -1,5 +1,6 @@
 """Diffusion distillation on PyTorch Lightning: the core (diffusion math, networks, DistillationModule) and methods."""
 from .base import DistillationModule
-from .methods import (METHODS, ConsistencyDistillation, DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
+from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, ImprovedConsistencyTraining,
+                      DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
                       SiDA, SIM, SNOOPI, UniInstruct, VSD)
 from .teacher_training import DenoisingScoreMatching

@@ -6,6 +6,8 @@ the same sampler means the same noise levels on every schedule.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -139,3 +141,75 @@ class KarrasRampTime(TimeSampler):
         u = self.low + (self.high - self.low) * torch.rand(n, generator=generator, dtype=torch.float64)
         sigma = (s_max ** (1 / self.rho) + u * (s_min ** (1 / self.rho) - s_max ** (1 / self.rho))) ** self.rho
         return self._clamp(schedule.time_from_edm_sigma(sigma), schedule).to(device)
+
+
+def ict_discretization_steps(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential discretisation curriculum (Song & Dhariwal 2023, arXiv:2310.14189, Sec. 3.4):
+
+      N(k) = min(s0 2^floor(k / K'), s1) + 1,   K' = floor(K / (log2 floor(s1 / s0) + 1))
+
+    k = training step, K = total steps; s0 = 10, s1 = 1280 in the paper (Table / Sec. 3.4)."""
+    if total_steps < 1 or s0 < 1 or s1 < s0:
+        raise ValueError(f"need total_steps >= 1 and 1 <= s0 <= s1, got K={total_steps}, s0={s0}, s1={s1}")
+    k_prime = max(1, int(total_steps // (math.log2(s1 // s0) + 1)))
+    return int(min(s0 * 2 ** (k // k_prime), s1) + 1)
+
+
+class LogNormalIndexTime(KarrasIndexTime):
+    """iCT's discrete lognormal pair draw (Song & Dhariwal 2023, Sec. 3.5): on the Karras grid
+    sigma_min = sigma_1 < ... < sigma_N = sigma_max (rho = 7), the pair (sigma_i, sigma_{i+1}) has probability
+
+      p(i) ∝ erf((ln sigma_{i+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_i - P_mean) / (sqrt(2) P_std)),
+
+    i = 1, ..., N - 1, P_mean = -1.1, P_std = 2.0. ``num_steps`` (= N) is what the curriculum changes; ``pairs``
+    returns (sigma_{i+1}, sigma_i) in native time, the noisier first, as ``KarrasIndexTime`` does."""
+
+    def __init__(self, num_steps: int = 11, mean: float = -1.1, std: float = 2.0, rho: float = 7.0):
+        super().__init__(num_steps, rho)
+        if std <= 0:
+            raise ValueError(f"LogNormalIndexTime std must be > 0, got {std}")
+        self.mean, self.std = mean, std
+
+    def probabilities(self, schedule: NoiseSchedule) -> Tensor:
+        """p over the pairs (grid[j], grid[j + 1]) of the descending grid, j = 0..N-2 (j = N - 1 - i)."""
+        sigma = schedule.edm_sigma(self.grid(schedule))  # descending
+        cdf = torch.erf((sigma.log() - self.mean) / (math.sqrt(2.0) * self.std))
+        mass = (cdf[:-1] - cdf[1:]).clamp_min(0)
+        return mass / mass.sum()
+
+    def pairs(self, n, schedule, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
+        grid = self.grid(schedule)
+        index = torch.multinomial(self.probabilities(schedule), n, replacement=True, generator=generator)
+        return grid[index].to(device), grid[index + 1].to(device)
+
+
+def ect_ratio(t_sigma: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's mapping r / t (Geng et al. 2024, "Consistency models made easy", arXiv:2406.14548, Sec. 3, the mapping
+    function n(t) = 1 + k sigmoid(-b t)):  r = t (1 - q^-(stage+1) n(t)), clamped at 0; stage = floor(i / d) for
+    training iteration i and stage length d (the paper writes q^ceil(i/d); locuslab/ect's loss uses
+    q^(stage+1) with stage = floor(tick / double_ticks), which this follows). q = 2, k = 8, b = 1 on CIFAR-10."""
+    ratio = 1.0 - q ** -(stage + 1) * (1.0 + k * torch.sigmoid(-b * t_sigma))
+    return ratio.clamp_min(0.0)
+
+
+class ECTMappingTime(TimeSampler):
+    """ECT's continuous pair draw: t (EDM sigma) ~ lognormal(P_mean = -1.1, P_std = 2.0), r = t * ect_ratio(t, stage)
+    (see ``ect_ratio``), both mapped to native time; r is kept >= t_min (r = 0 in the paper is the data end, where the
+    boundary condition f(x, t_min) = x makes the target x_{t_min} ~ x). ``stage`` is what the curriculum changes."""
+
+    def __init__(self, mean: float = -1.1, std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+                 stage: int = 0):
+        if std <= 0 or q <= 1:
+            raise ValueError(f"ECTMappingTime needs std > 0 and q > 1, got std={std}, q={q}")
+        self.mean, self.std, self.q, self.k, self.b, self.stage = mean, std, q, k, b, stage
+
+    def pairs(self, n, schedule, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
+        s_min = schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=torch.float64)).item()
+        s_max = schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64)).item()
+        sigma_t = (self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+        sigma_t = sigma_t.clamp(s_min, s_max)
+        sigma_r = (sigma_t * ect_ratio(sigma_t, self.stage, self.q, self.k, self.b)).clamp_min(s_min)
+        return (schedule.time_from_edm_sigma(sigma_t).to(device), schedule.time_from_edm_sigma(sigma_r).to(device))
+
+    def __call__(self, n, schedule, generator=None, device="cpu"):
+        return self.pairs(n, schedule, generator, device)[0]

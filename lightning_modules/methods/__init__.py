@@ -1,10 +1,13 @@
 """Distillation methods: each file is one paper's algorithm box on the shared DistillationModule."""
 from .consistency import ConsistencyDistillation
+from .consistency_family import ConsistencyTraining, TeacherFreeConsistency
 from .diff_instruct import DiffInstruct
 from .disback import DisBack
 from .dmd import DMD
 from .dmd2 import DMD2
+from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
+from .ict import ImprovedConsistencyTraining
 from .msd import MSD
 from .sfd import SFD
 from .sid import SiD
@@ -18,3 +21,6 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "disback": DisBack, "sim": SIM, "sida": SiDA,
            "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI,
            "fdistill": FDistill, "uni_instruct": UniInstruct}
+
+# iCT and ECT are importable (lightning_modules.ImprovedConsistencyTraining / EasyConsistencyTuning) with ring8 and
+# MNIST configs; they join METHODS once grid25 / aniso / digits64 configs exist (tests/test_cli_configs.py's coverage).
