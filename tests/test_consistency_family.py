@@ -271,3 +271,24 @@ def test_ict_lognormal_index_frequencies_match_their_definition(num_steps):
     standard_error = (exact * (1 - exact) / n).sqrt()
     assert torch.all((frequency - exact).abs() <= 5 * standard_error + 1e-6), (frequency - exact).abs().max()
     torch.testing.assert_close(sampler.probabilities(schedule).flip(0), exact)
+
+
+def test_curriculum_runs_in_a_fit_and_its_state_is_in_the_lightning_checkpoint(tmp_path):
+    """A short fit of ring8/ict.yaml (s0 = 10, s1 = 20): with K = 24, K' = floor(24 / 2) = 12, so N = 11 for the
+    first 12 generator updates and 21 after; the checkpoint holds the callback's count and the module's N."""
+    from tests.toy_runs import build
+
+    cli = build("experiments/toy/ring8/ict.yaml", "--data.init_args.batches_per_epoch=24",
+                "--model.init_args.warm_start_steps=0", "--trainer.callbacks=[]", root=str(tmp_path))
+    callback = ConsistencyCurriculum(total_steps=24)
+    cli.trainer.callbacks.append(callback)
+    seen = []
+    original = cli.model.time_pairs
+    cli.model.time_pairs = lambda n, device: (seen.append(int(cli.model.discretization_steps)), original(n, device))[1]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert seen == [11] * 12 + [21] * 12
+    path = tmp_path / "ict.ckpt"
+    cli.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert int(checkpoint["state_dict"]["discretization_steps"]) == 21
+    assert {"step": 24} in checkpoint["callbacks"].values()
