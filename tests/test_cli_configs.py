@@ -24,8 +24,7 @@ def _has_config(folder: str, method: str) -> bool:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_has_toy_and_mnist_configs(method):
     missing = [d for d in ("ring8", "grid25", "aniso", "digits64") if not _has_config(f"toy/{d}", method)]
-    if method != "cd":  # consistency distillation's MNIST config belongs to the consistency-family issue
-        missing += [] if _has_config("mnist", method) else ["mnist"]
+    missing += [] if _has_config("mnist", method) else ["mnist"]
     assert not missing, f"method {method!r} has no experiments config for {missing}"
 
 
