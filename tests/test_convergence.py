@@ -6,14 +6,16 @@ from tests.toy_runs import fit_and_measure
 
 CASES = {
     # method: (batches, required improvement factor of sliced W2, max sliced-W2 ratio to the floor, max mode TV)
-    "dmd2": (1500, 6.0, 3.0, 0.05),
+    # floors average 4 exact reference sets (issue 15 item 3), which reads ~1.2x lower than the single-set floor the
+    # first bounds were set on; measured on it: dmd2 0.686 -> 0.075 (ratio 2.86), fdistill_js 0.686 -> 0.082 (3.11)
+    "dmd2": (1500, 6.0, 3.5, 0.05),
     "sid": (1200, 6.0, 3.5, 0.08),
     "cd": (1500, 2.5, 10.0, 0.06),
     # measured, one seed: sim 0.534 -> 0.046, ratio 1.52, TV 0.033; sida 0.534 -> 0.046, ratio 1.50, TV 0.041
     "sim": (1200, 6.0, 3.0, 0.08),
     "sida": (900, 6.0, 3.0, 0.08),
     # measured: fdistill_js 0.686 -> 0.079 (ratio 2.59), TV 0.040; uni_instruct 0.534 -> 0.045 (ratio 1.47), TV 0.033
-    "fdistill_js": (1500, 6.0, 3.0, 0.06),
+    "fdistill_js": (1500, 6.0, 3.5, 0.06),
     "uni_instruct": (900, 6.0, 2.5, 0.06),
     "dmd": (700, 6.0, 3.0, 0.06),
     "diff_instruct": (900, 5.0, 3.0, 0.06),
