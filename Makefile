@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## the test suite (CI runs this through .ci/run); about 15-20 minutes on 2 cores (about 730 tests)
+## the test suite (CI runs this through .ci/run); about 21 minutes on 2 cores (about 860 tests)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout 900 $(PYTEST_ARGS)
 
