@@ -28,6 +28,12 @@ NOT_PROMPT_ONLY = {
           "condition f(x, t_min) = x, which has no parametrization for an epsilon-prediction diffusers UNet here "
           "(boundary_condition is EDM-only; no LCM-style c_skip / c_out in training): the consistency-family issue, "
           "like its MNIST config",
+    "ict": "consistency training without a teacher: its pairs are the same real image under the same noise at two "
+           "times, so prompts alone give it nothing to train on, and its student needs the boundary condition "
+           "(see cd); the text-to-image members of the family are LCM / LCM-LoRA / Hyper-SD",
+    "ect": "consistency tuning without a teacher: its pairs are noised real images, none in the prompt-only regime, "
+           "and its student needs the boundary condition (see cd); the text-to-image members of the family are LCM / "
+           "LCM-LoRA / Hyper-SD",
     "dmd": "its regression term needs teacher noise -> image pairs, and the pair files (lightning_modules."
            "trajectory_pairs, datamodules.pairs) store class ids as conditions, not prompts",
     "sida": "its GAN term compares real and generated images: experiments/mnist_t2i/pairs/sida.yaml",

@@ -20,7 +20,5 @@ from .vsd import VSD
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
            "disback": DisBack, "sim": SIM, "sida": SiDA,
            "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI,
-           "fdistill": FDistill, "uni_instruct": UniInstruct}
-
-# iCT and ECT are importable (lightning_modules.ImprovedConsistencyTraining / EasyConsistencyTuning) with ring8 and
-# MNIST configs; they join METHODS once grid25 / aniso / digits64 configs exist (tests/test_cli_configs.py's coverage).
+           "fdistill": FDistill, "uni_instruct": UniInstruct,
+           "ict": ImprovedConsistencyTraining, "ect": EasyConsistencyTuning}
