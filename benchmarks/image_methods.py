@@ -119,10 +119,15 @@ def run_method(method: str, args) -> dict:
     noise, labels = fixed_inputs(args.num_samples, reference.shape[1:], datamodule.num_classes, args.seed_eval)
     samples, speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
     fid = score(samples, reference, reference_key, [EXTRACTOR])[EXTRACTOR]
+    fid_by_nfe = {1: fid["fid"]}
+    for nfe in sorted(set(args.nfe) - {1}):  # the same noise and labels through the student's K-step sampler
+        few_step, _ = timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)
+        fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
     record = {"method": method, "generator_updates": stopper.updates, "optimizer_steps": trainer.global_step,
               "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, stopper.updates),
               "images_per_second": speed, "peak_memory_mb": peak_memory_mb(), "fid": fid["fid"],
-              "metrics": fid, "networks": network_sizes(module),
+              "fid_by_nfe": {str(n): v for n, v in sorted(fid_by_nfe.items())}, "metrics": fid,
+              "networks": network_sizes(module),
               "optimizer_state_mb": {name: optimizer_state_mb(module._optimizer(name).optimizer)
                                      for name in (["generator", "critic"] if module.uses_critic else ["generator"])}}
 
@@ -160,7 +165,7 @@ def launch(method: str, args, scratch: str) -> dict:
     out = os.path.join(scratch, f"{method}.json")
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--worker-output", out,
                "--generator-updates", str(args.generator_updates), "--num-samples", str(args.num_samples),
-               "--seed", str(args.seed), "--seed-eval", str(args.seed_eval)]
+               "--seed", str(args.seed), "--seed-eval", str(args.seed_eval), "--nfe", *map(str, args.nfe)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -174,19 +179,23 @@ def launch(method: str, args, scratch: str) -> dict:
 
 def markdown(records, protocol) -> str:
     lines = ["# MNIST benchmark", "",
-             f"Each method: {protocol['generator_updates']} generator updates from the shipped teacher, then one-step "
-             f"samples scored with FID ({EXTRACTOR} features, {protocol['num_samples']} samples, labels n % 10, noise "
+             f"Each method: {protocol['generator_updates']} generator updates from the shipped teacher, then "
+             f"{'/'.join(map(str, protocol['nfe']))}-step samples (the student's own K-step sampler) scored with FID "
+             f"({EXTRACTOR} features, {protocol['num_samples']} samples, labels n % 10, noise "
              f"seed {protocol['seed_eval']}) against the first {protocol['num_samples']} MNIST test images. "
              "Teacher (card): 32-step Heun FID 1.62, 1 step 68.5; floor train-vs-test 2.81.", "",
-             "| method | 1-step FID | s / generator update | optimizer steps | student params | critic trainable "
-             "params | critic optimizer MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+             "| method | " + " | ".join(f"{n}-step FID" for n in protocol["nfe"]) + " | s / generator update | "
+             "optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB |",
+             "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed | | | | | | |")
+            lines.append(f"| {r['method']} | failed |" + " |" * (len(protocol["nfe"]) + 5))
             continue
         nets = r["networks"]
         critic = nets.get("critic", {})
-        lines.append(f"| {r['method']} | {r['fid']:.2f} | {r['seconds_per_generator_update']:.3f} | "
+        by_nfe = r.get("fid_by_nfe", {"1": r["fid"]})
+        fids = " | ".join(f"{by_nfe[str(n)]:.2f}" if str(n) in by_nfe else "" for n in protocol["nfe"])
+        lines.append(f"| {r['method']} | {fids} | {r['seconds_per_generator_update']:.3f} | "
                      f"{r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
                      f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} |")
     extras = [r for r in records if "kept_class_fid" in r]
@@ -220,6 +229,8 @@ def main():
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
     parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4],
+                        help="student step counts scored (1 always; the family's few-step rows)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other methods' records of an existing mnist.json and replace only these")
@@ -232,6 +243,8 @@ def main():
         with open(args.worker_output, "w") as handle:
             json.dump(record, handle)
         return
+    if min(args.nfe) < 1:
+        parser.error(f"--nfe values must be >= 1, got {args.nfe}")
     if args.generator_updates < 1 or args.num_samples < 10:
         parser.error(f"need --generator-updates >= 1 and --num-samples >= 10, got {args.generator_updates}, "
                      f"{args.num_samples}")
@@ -243,6 +256,7 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda m: launch(m, args, scratch), args.methods))
     protocol = {"generator_updates": args.generator_updates, "num_samples": args.num_samples, "seed": args.seed,
+                "nfe": sorted(set(args.nfe) | {1}),
                 "seed_eval": args.seed_eval, "extractor": EXTRACTOR, "total_seconds": time.time() - start}
     from lightning_modules.evaluation.image_report import write_json_atomic, write_text_atomic
     previous_path = os.path.join(args.output, "mnist.json")
