@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .conditioning.condition import TextCondition, unconditional
 from .data_regime import check_data_regime, derive_sigma_data
 from .diffusion.guidance import classifier_free_guidance
-from .diffusion.samplers import prior_sample, sampler_times, student_sample, teacher_sample
+from .diffusion.samplers import hybrid_sample, prior_sample, sampler_times, student_sample, teacher_sample
 from .networks.denoiser import Denoiser
 from .warm_start import law_draw, regress_to_teacher
 
@@ -258,12 +258,19 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Tensor | None = None, nfe: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Evaluation samples from the EMA student when one is tracked, else from the raw student."""
+               generator: torch.Generator | None = None, teacher_steps: int = 0,
+               teacher_method: str = "heun") -> Tensor:
+        """Evaluation samples from the EMA student when one is tracked, else from the raw student. ``teacher_steps``
+        > 0: diversity distillation's hybrid sampler (``samplers.hybrid_sample``) -- the first steps of the student's
+        ``nfe``-step grid are teacher ODE steps, the student does the rest."""
         network = self.evaluation_student if self.evaluation_student is not None else self.student
         was_training = network.training
         network.eval()
         try:
+            if teacher_steps:
+                return hybrid_sample(lambda x, t: self.teacher_x0(x, t, cond), lambda x, t: network(x, t, cond),
+                                     noise, self.evaluation_times(nfe), self.schedule, teacher_steps, teacher_method,
+                                     generator)
             return self.generate(noise, cond, nfe, network, generator)
         finally:
             network.train(was_training)

@@ -5,5 +5,5 @@ from .schedules import (EDMSchedule, NoiseSchedule, RectifiedFlowSchedule, TrigF
 from .time_samplers import (DiscreteUniformTime, KarrasIndexTime, KarrasRampTime, LogitNormalTime, LogNormalTime,
                             TimeSampler, UniformTime)
 from .samplers import (ddim_step, euler_sample, heun_sample, heun_step, sampler_times, prior_sample,
-                       student_sample, teacher_sample)
+                       student_sample, student_steps, hybrid_sample, teacher_sample)
 from .guidance import classifier_free_guidance, guided_x0

@@ -74,7 +74,34 @@ def student_sample(generate: Denoise, noise: Tensor, times: Tensor, schedule: No
                    generator: torch.Generator | None = None) -> Tensor:
     """K-step student sampling (Song et al. 2023, Alg. 1; DMD2's multi-step generator): x0 = G(x, t_k), then re-noise
     x0 to t_{k+1} with fresh noise. One step is G(sigma(T) z, T). Gradients flow if the caller enables them."""
-    x = prior_sample(noise, times[0], schedule)
+    return student_steps(generate, prior_sample(noise, times[0], schedule), times, schedule, generator)
+
+
+def hybrid_sample(teacher_denoise: Denoise, generate: Denoise, noise: Tensor, times: Tensor, schedule: NoiseSchedule,
+                  teacher_steps: int = 1, method: str = "heun", generator: torch.Generator | None = None) -> Tensor:
+    """Diversity distillation's hybrid inference (Gandikota & Bau 2025, "Distilling diversity and control in
+    diffusion models", arXiv:2503.10637, Sec. 5): the first step(s), where a sample's composition -- here its mode --
+    is decided, are the teacher's; the student takes over for the rest. The first ``teacher_steps`` intervals of the
+    student's own grid ``times`` are probability-flow ODE steps of the teacher (Heun: 2 evaluations each, Euler /
+    DDIM: 1), then the student samples from x_{times[teacher_steps]} with its remaining steps (``student_steps``).
+    NFE: teacher 2 m (Heun) or m (Euler) + student len(times) - m. A one-step student needs a grid of >= 2 times."""
+    if not 0 < teacher_steps < len(times):
+        raise ValueError(f"teacher_steps must be in [1, {len(times) - 1}] for a grid of {len(times)} student times, "
+                         f"got {teacher_steps} (a one-step student needs nfe >= 2 to hand over)")
+    if method not in ("heun", "euler", "ddim"):
+        raise ValueError(f"unknown hybrid teacher step {method!r}; expected 'heun', 'euler' or 'ddim'")
+    with torch.no_grad():
+        x = prior_sample(noise, times[0], schedule)
+        for i in range(teacher_steps):
+            t, s = _per_sample(times[i], x), _per_sample(times[i + 1], x)
+            x = heun_step(teacher_denoise, x, t, s, schedule) if method == "heun" else \
+                ddim_step(x, teacher_denoise(x, t), t, s, schedule)
+    return student_steps(generate, x, times[teacher_steps:], schedule, generator)
+
+
+def student_steps(generate: Denoise, x: Tensor, times: Tensor, schedule: NoiseSchedule,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """The student sampler's loop from x = x_{times[0]}: x0 = G(x, t_k), re-noised to t_{k+1} with fresh noise."""
     for i, t in enumerate(times):
         x0 = generate(x, _per_sample(t, x))
         if i == len(times) - 1:

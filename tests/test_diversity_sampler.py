@@ -1,0 +1,79 @@
+"""Diversity distillation's hybrid sampler (Gandikota & Bau 2025): the first steps of a student's grid are teacher
+ODE steps, the student does the rest -- checked step for step against the two pieces it is made of, its NFE count,
+its errors, and its route through every method's ``sample``."""
+import pytest
+import torch
+
+from lightning_modules import DMD2
+from lightning_modules.diffusion import EDMSchedule, heun_step, ddim_step, hybrid_sample, prior_sample, student_steps
+from lightning_modules.diffusion.samplers import sampler_times
+from lightning_modules.networks import GaussianMixtureTeacher, ToyMLPDenoiser
+
+
+class Counted:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.fn(x, t)
+
+
+@pytest.fixture
+def pieces():
+    schedule = EDMSchedule()
+    teacher = GaussianMixtureTeacher("ring8", schedule)
+    student = ToyMLPDenoiser(2, 32, 2).double()
+    student.schedule = schedule
+    times = sampler_times(schedule, 4, "student")
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return schedule, (lambda x, t: teacher(x, t, None)), (lambda x, t: student(x, t, None)), times, noise
+
+
+@pytest.mark.parametrize("method", ["heun", "euler"])
+@pytest.mark.parametrize("teacher_steps", [1, 2, 3])
+def test_hybrid_is_teacher_ode_steps_then_the_student_loop(pieces, method, teacher_steps):
+    schedule, teacher, student, times, noise = pieces
+    counted_teacher, counted_student = Counted(teacher), Counted(student)
+    out = hybrid_sample(counted_teacher, counted_student, noise, times, schedule, teacher_steps, method,
+                        torch.Generator().manual_seed(5))
+    x = prior_sample(noise, times[0], schedule)
+    for i in range(teacher_steps):
+        t, s = (torch.full((64,), float(v), dtype=torch.float64) for v in (times[i], times[i + 1]))
+        x = heun_step(teacher, x, t, s, schedule) if method == "heun" else ddim_step(x, teacher(x, t), t, s, schedule)
+    expected = student_steps(student, x, times[teacher_steps:], schedule, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert counted_teacher.calls == (2 if method == "heun" else 1) * teacher_steps
+    assert counted_student.calls == len(times) - teacher_steps
+
+
+def test_all_teacher_but_the_last_step_is_the_teachers_ode_on_the_student_grid(pieces):
+    """teacher_steps = K - 1 with the teacher as 'student': the teacher's own Heun sampler on that grid."""
+    schedule, teacher, _, times, noise = pieces
+    from lightning_modules.diffusion import heun_sample
+    out = hybrid_sample(teacher, teacher, noise, times, schedule, len(times) - 1, "heun")
+    torch.testing.assert_close(out, heun_sample(teacher, prior_sample(noise, times[0], schedule), times, schedule))
+
+
+@pytest.mark.parametrize("teacher_steps", [0, 4, -1])
+def test_bad_teacher_steps_are_named(pieces, teacher_steps):
+    schedule, teacher, student, times, noise = pieces
+    with pytest.raises(ValueError, match=f"got {teacher_steps}"):
+        hybrid_sample(teacher, student, noise, times, schedule, teacher_steps)
+    with pytest.raises(ValueError, match="'rk4'"):
+        hybrid_sample(teacher, student, noise, times, schedule, 1, "rk4")
+
+
+def test_every_module_samples_hybrid_through_its_teacher():
+    schedule = EDMSchedule()
+    module = DMD2(teacher=GaussianMixtureTeacher("ring8", schedule), student=ToyMLPDenoiser(2, 32, 2))
+    calls = []
+    original = module.teacher_x0
+    module.teacher_x0 = lambda x, t, cond, guidance_scale=None: calls.append(1) or original(x, t, cond)
+    noise = torch.randn(16, 2)
+    plain = module.sample(noise, None, 2)
+    assert not calls
+    hybrid = module.sample(noise, None, 2, teacher_steps=1)
+    assert len(calls) == 2 and hybrid.shape == plain.shape  # one Heun step of the teacher
+    module.sample(noise, None, 2, teacher_steps=1, teacher_method="euler")
+    assert len(calls) == 3
