@@ -54,6 +54,10 @@ class RewardGuidedLCD(ConsistencyDistillation):
         if teacher_data_nfe is not None and teacher_data_nfe < 1:
             raise ValueError(f"teacher_data_nfe must be >= 1 or null, got {teacher_data_nfe}")
         super().__init__(*args, **kwargs)
+        for key in ("reward", "latent_reward_model"):  # networks: in the state dict, not the hyperparameters
+            for store in (self.hparams, getattr(self, "_hparams_initial", None) or {}):
+                if isinstance(store.get(key), nn.Module):
+                    store.pop(key)
         self.reward = reward.requires_grad_(False).eval()
         self.reward_weight = float(reward_weight)
         self.latent_reward_model = latent_reward_model
