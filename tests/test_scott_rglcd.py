@@ -19,7 +19,7 @@ from lightning_modules.methods.consistency_terms import consistency_terms
 from lightning_modules.methods.rg_lcd import RewardGuidedLCD
 from lightning_modules.methods.scott import SCott
 from lightning_modules.networks import DiscriminatorHead, GaussianMixture, GaussianMixtureTeacher, ToyMLPDenoiser
-from lightning_modules.rewards import LatentRewardModel, MixtureLogDensity
+from lightning_modules.methods.rewards import LatentRewardModel, MixtureLogDensity
 
 MU = torch.tensor([0.3, -0.5], dtype=torch.float64)
 S = 0.4

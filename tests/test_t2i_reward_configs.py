@@ -8,7 +8,7 @@ import os
 import torch
 
 from lightning_modules.conditioning.condition import TextCondition
-from lightning_modules.rewards import CLIPReward
+from lightning_modules.methods.rewards import CLIPReward
 from tests.toy_runs import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -51,14 +51,13 @@ def _devices(primals) -> list:
 def _finite_difference(fn, primals, tangents, step):
     h = default_step(primals, tangents) if step is None else float(step)
     devices = _devices(primals)
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    # one seed for all three calls, so a stochastic fn (dropout) sees the same mask; torch.manual_seed seeds every
+    # device's generator, which keeps this free of accelerator-specific RNG calls
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 
     def call(*args):
         with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(cpu_state)
-            for d, state in zip(devices, cuda_states):
-                torch.cuda.set_rng_state(state, d)
+            torch.manual_seed(seed)
             return fn(*args)
 
     def shifted(sign):

@@ -7,7 +7,7 @@ The LCD loss plus a reward on the student's single-step generation, taken at the
   x0_theta = f_theta(x_t, t, c)                                         (the one-step output of the online call)
   L_G = d(x0_theta, sg f_theta-(x^_r, r)) - beta R(x0_theta, c)         (Sec. 4.1: reward maximisation)
 
-R is differentiable (``lightning_modules.rewards``): the exact mixture's log-density of the requested class on the
+R is differentiable (``lightning_modules.methods.rewards``): the exact mixture's log-density of the requested class on the
 toy suite, the MNIST classifier's log-probability of the requested digit, or the CLIP score for text-to-image; a
 reward that reads images gets a latent teacher's x0 decoded by its VAE, with gradient. beta = ``reward_weight``.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rewards import lrm_preference_loss, lrm_regression_loss
+from .rewards import lrm_preference_loss, lrm_regression_loss
 from .consistency import ConsistencyDistillation
 from .consistency_terms import consistency_terms
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conditioning.condition import TextCondition
+from ..conditioning.condition import TextCondition
 
 
 def condition_labels(cond) -> Tensor | None:
@@ -58,7 +58,7 @@ class MixtureLogDensity(Reward):
 
     def __init__(self, law, conditional: bool = True):
         super().__init__()
-        from .networks.toy_laws import resolve_law
+        from ..networks.toy_laws import resolve_law
 
         self.law = resolve_law(law)
         self.conditional = conditional
@@ -88,12 +88,12 @@ class ClassifierLogProb(Reward):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from .evaluation.prompt_adherence import load_adherence_classifier
+        from ..evaluation.prompt_adherence import load_adherence_classifier
 
         self.classifier = load_adherence_classifier(weights_path).eval().requires_grad_(False)
 
     def forward(self, x0, cond=None, prompts=None):
-        from .evaluation.prompt_adherence import classifier_input
+        from ..evaluation.prompt_adherence import classifier_input
 
         labels = condition_labels(cond)
         if labels is None:
@@ -112,14 +112,14 @@ class CLIPReward(Reward):
     def __init__(self, model_config: str | dict | None = None, checkpoint: str | None = None,
                  model_name: str | None = None):
         super().__init__()
-        from .evaluation.clip_score import SHIPPED_MNIST_CLIP_CHECKPOINT, SHIPPED_MNIST_CLIP_CONFIG, CLIPScorer
+        from ..evaluation.clip_score import SHIPPED_MNIST_CLIP_CHECKPOINT, SHIPPED_MNIST_CLIP_CONFIG, CLIPScorer
 
         if model_config is None and model_name is None:
             model_config, checkpoint = SHIPPED_MNIST_CLIP_CONFIG, checkpoint or SHIPPED_MNIST_CLIP_CHECKPOINT
         self.scorer = CLIPScorer(model_name=model_name, model_config=model_config, checkpoint=checkpoint)
 
     def forward(self, x0, cond=None, prompts=None):
-        from .evaluation.clip_score import CLIP_SCORE_WEIGHT
+        from ..evaluation.clip_score import CLIP_SCORE_WEIGHT
 
         if prompts is None or len(prompts) != x0.shape[0]:
             raise ValueError("CLIPReward needs one prompt per sample (batch['prompts'])")
