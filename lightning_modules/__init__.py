@@ -2,5 +2,6 @@
 from .base import DistillationModule
 from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, ImprovedConsistencyTraining,
                       DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
-                      SiDA, SIM, SNOOPI, UniInstruct, VSD)
+                      SiDA, SIM, SNOOPI, UniInstruct, VSD, ContinuousConsistencyTraining,
+                      ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD)
 from .teacher_training import DenoisingScoreMatching

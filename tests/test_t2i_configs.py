@@ -34,6 +34,16 @@ NOT_PROMPT_ONLY = {
     "ect": "consistency tuning without a teacher: its pairs are noised real images, none in the prompt-only regime, "
            "and its student needs the boundary condition (see cd); the text-to-image members of the family are LCM / "
            "LCM-LoRA / Hyper-SD",
+    "sct": "continuous-time consistency training from data: its tangent dx_t/dt = cos t z - sin t x0 needs real "
+           "images, none in the prompt-only regime",
+    "scd": "its TrigFlow change of variables rides on an EDM-preconditioned student (c_skip = cos^2 t, c_out = "
+           "sigma_d sin t); an epsilon-prediction diffusers UNet has no such parametrization here, and the tangent "
+           "JVP through diffusers attention falls back to finite differences on CPU -- not wired for the latent "
+           "teacher yet",
+    "meanflow": "its two-time student wraps the toy MLP / MNIST UNet time embeddings (networks.meanflow); the "
+                "diffusers UNet's time embedding is not hooked yet, and its data-velocity variant needs real images",
+    "scott": "a CD target with a stochastic teacher step plus a GAN on real images: its pairs start from noised real "
+             "samples (none prompt-only), and its student needs the boundary condition (see cd)",
     "dmd": "its regression term needs teacher noise -> image pairs, and the pair files (lightning_modules."
            "trajectory_pairs, datamodules.pairs) store class ids as conditions, not prompts",
     "sida": "its GAN term compares real and generated images: experiments/mnist_t2i/pairs/sida.yaml",

@@ -8,7 +8,11 @@ from .dmd2 import DMD2
 from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
 from .ict import ImprovedConsistencyTraining
+from .meanflow import MeanFlow
 from .msd import MSD
+from .rg_lcd import RewardGuidedLCD
+from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
+from .scott import SCott
 from .sfd import SFD
 from .sid import SiD
 from .sida import SiDA
@@ -21,4 +25,6 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "disback": DisBack, "sim": SIM, "sida": SiDA,
            "msd": MSD, "sfd": SFD, "vsd": VSD, "snoopi": SNOOPI,
            "fdistill": FDistill, "uni_instruct": UniInstruct,
-           "ict": ImprovedConsistencyTraining, "ect": EasyConsistencyTuning}
+           "ict": ImprovedConsistencyTraining, "ect": EasyConsistencyTuning,
+           "sct": ContinuousConsistencyTraining, "scd": ContinuousConsistencyDistillation, "meanflow": MeanFlow,
+           "scott": SCott, "rg_lcd": RewardGuidedLCD}
