@@ -3,5 +3,6 @@ from .base import DistillationModule
 from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, ImprovedConsistencyTraining,
                       DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
                       SiDA, SIM, SNOOPI, UniInstruct, VSD, ContinuousConsistencyTraining,
-                      ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD)
+                      ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD, RectifiedFlow, Reflow,
+                      RectifiedFlowPP, InstaFlow, SlimFlow)
 from .teacher_training import DenoisingScoreMatching

@@ -44,6 +44,13 @@ NOT_PROMPT_ONLY = {
                 "diffusers UNet's time embedding is not hooked yet, and its data-velocity variant needs real images",
     "scott": "a CD target with a stochastic teacher step plus a GAN on real images: its pairs start from noised real "
              "samples (none prompt-only), and its student needs the boundary condition (see cd)",
+    "rf1": "1-rectified flow regresses the velocity of independent (image, noise) couplings: it needs real images",
+    "reflow": "its on-the-fly coupling needs only noise, but its velocity student (flow_velocity over an x0 "
+              "denoiser) and Euler-on-tau sampler are not wired through the latent teacher's TextCondition yet",
+    "rf2pp": "as reflow (the same coupling source and velocity student, another time law and distance)",
+    "instaflow": "as reflow for its first stage; its distillation stage is then ordinary regression on the 2-RF's ODE",
+    "slimflow": "its annealing reflow mixes in independent (image, noise) couplings, so it needs real images while "
+                "annealing",
     "dmd": "its regression term needs teacher noise -> image pairs, and the pair files (lightning_modules."
            "trajectory_pairs, datamodules.pairs) store class ids as conditions, not prompts",
     "sida": "its GAN term compares real and generated images: experiments/mnist_t2i/pairs/sida.yaml",

@@ -10,6 +10,7 @@ from .f_distill import FDistill
 from .ict import ImprovedConsistencyTraining
 from .meanflow import MeanFlow
 from .msd import MSD
+from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
 from .rg_lcd import RewardGuidedLCD
 from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
 from .scott import SCott
@@ -17,6 +18,7 @@ from .sfd import SFD
 from .sid import SiD
 from .sida import SiDA
 from .sim import SIM
+from .slimflow import SlimFlow
 from .snoopi import SNOOPI
 from .uni_instruct import UniInstruct
 from .vsd import VSD
@@ -27,4 +29,6 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "fdistill": FDistill, "uni_instruct": UniInstruct,
            "ict": ImprovedConsistencyTraining, "ect": EasyConsistencyTuning,
            "sct": ContinuousConsistencyTraining, "scd": ContinuousConsistencyDistillation, "meanflow": MeanFlow,
-           "scott": SCott, "rg_lcd": RewardGuidedLCD}
+           "scott": SCott, "rg_lcd": RewardGuidedLCD,
+           "rf1": RectifiedFlow, "reflow": Reflow, "rf2pp": RectifiedFlowPP, "instaflow": InstaFlow,
+           "slimflow": SlimFlow}
