@@ -4,5 +4,6 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       DiffInstruct, DisBack, DMD, DMD2, FDistill, MSD, SFD, SiD,
                       SiDA, SIM, SNOOPI, UniInstruct, VSD, ContinuousConsistencyTraining,
                       ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD, RectifiedFlow, Reflow,
-                      RectifiedFlowPP, InstaFlow, SlimFlow)
+                      RectifiedFlowPP, InstaFlow, SlimFlow, LatentConsistencyModel, MultistepConsistencyModel,
+                      TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel)
 from .teacher_training import DenoisingScoreMatching

@@ -51,6 +51,14 @@ NOT_PROMPT_ONLY = {
     "instaflow": "as reflow for its first stage; its distillation stage is then ordinary regression on the 2-RF's ODE",
     "slimflow": "its annealing reflow mixes in independent (image, noise) couplings, so it needs real images while "
                 "annealing",
+    "mcd": "its segment-edge consistency function is a DDIM step over the student's x0 (fine for any UNet), but its "
+           "targets start from noised real latents, none prompt-only: the segment mechanism serves text-to-image as "
+           "Hyper-SD's TSCD (experiments/mnist_t2i/consistency/hyper_sd.yaml, image-text pairs)",
+    "lcm": "latent consistency distillation starts its pairs from noised real latents (the paper trains on LAION "
+           "images): experiments/mnist_t2i/consistency/{lcm,lcm_lora}.yaml on image-text pairs "
+           "(tests/test_t2i_consistency_configs.py)",
+    "tscd": "as lcm: experiments/mnist_t2i/consistency/hyper_sd.yaml on image-text pairs",
+    "tcm": "two-stage CD: like cd, its pairs are noised real samples and its student needs the boundary condition",
     "dmd": "its regression term needs teacher noise -> image pairs, and the pair files (lightning_modules."
            "trajectory_pairs, datamodules.pairs) store class ids as conditions, not prompts",
     "sida": "its GAN term compares real and generated images: experiments/mnist_t2i/pairs/sida.yaml",

@@ -1,4 +1,5 @@
-"""experiments/mnist_t2i/{lcm, lcm_lora, hyper_sd}.yaml build against the shipped text-to-image teacher and take one
+"""experiments/mnist_t2i/consistency/{lcm, lcm_lora, hyper_sd}.yaml build against the shipped text-to-image teacher
+and take one
 generator step on image-caption pairs; the LCM-LoRA delta merged into the teacher's weights gives the student."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.test_t2i_pair_configs import NUM_IMAGES, _overrides, pairs_script
 from tests.toy_runs import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [os.path.join(ROOT, "experiments", "mnist_t2i", f"{n}.yaml") for n in ("lcm", "lcm_lora", "hyper_sd")]
+CONFIGS = [os.path.join(ROOT, "experiments", "mnist_t2i", "consistency", f"{n}.yaml") for n in ("lcm", "lcm_lora", "hyper_sd")]
 
 
 @pytest.fixture(scope="module")

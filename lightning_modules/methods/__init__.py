@@ -8,7 +8,10 @@ from .dmd2 import DMD2
 from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
 from .ict import ImprovedConsistencyTraining
+from .lcm import LatentConsistencyModel
 from .meanflow import MeanFlow
+from .multistep_cd import (MultistepConsistencyDistillation, MultistepConsistencyModel,
+                           TrajectorySegmentedConsistencyDistillation)
 from .msd import MSD
 from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
 from .rg_lcd import RewardGuidedLCD
@@ -20,6 +23,7 @@ from .sida import SiDA
 from .sim import SIM
 from .slimflow import SlimFlow
 from .snoopi import SNOOPI
+from .tcm import TruncatedConsistencyModel
 from .uni_instruct import UniInstruct
 from .vsd import VSD
 
@@ -31,4 +35,6 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "sct": ContinuousConsistencyTraining, "scd": ContinuousConsistencyDistillation, "meanflow": MeanFlow,
            "scott": SCott, "rg_lcd": RewardGuidedLCD,
            "rf1": RectifiedFlow, "reflow": Reflow, "rf2pp": RectifiedFlowPP, "instaflow": InstaFlow,
-           "slimflow": SlimFlow}
+           "slimflow": SlimFlow,
+           "lcm": LatentConsistencyModel, "mcd": MultistepConsistencyModel,
+           "tscd": TrajectorySegmentedConsistencyDistillation, "tcm": TruncatedConsistencyModel}
