@@ -1,6 +1,5 @@
 """experiments/mnist_t2i/consistency/{lcm, lcm_lora, hyper_sd}.yaml build against the shipped text-to-image teacher
-and take one
-generator step on image-caption pairs; the LCM-LoRA delta merged into the teacher's weights gives the student."""
+and take one generator step on image-caption pairs; the LCM-LoRA delta merged into the teacher's weights gives the student."""
 from __future__ import annotations
 
 import copy
