@@ -260,3 +260,28 @@ def test_boot_target_equals_one_exact_teacher_step_from_the_student_output():
     loss = module.generator_loss({"noise": eps.float()})
     assert torch.isfinite(loss["loss"])
     assert module.sample(eps.float()).shape == (8, 2)
+
+
+def test_pd_stage_survives_a_lightning_checkpoint(tmp_path):
+    """A short fit through the CLI config: the stage curriculum advances (ConsistencyCurriculum), and the checkpoint
+    carries the stage, the frozen stage teacher and the callback's step."""
+    from tests.toy_runs import build
+
+    overrides = ["--data.init_args.batches_per_epoch=25", "--data.init_args.batch_size=32",
+                 "--model.init_args.warm_start_steps=0", "--model.init_args.initial_steps=4",
+                 "--model.init_args.steps_per_stage=10", "--trainer.callbacks=[{class_path: callbacks.ConsistencyCurriculum}]"]
+    cli = build("experiments/toy/ring8/pd.yaml", *overrides, root=str(tmp_path))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert int(cli.model.stage) == 2 and len(cli.model.student_times) == 1
+    path = str(tmp_path / "pd.ckpt")
+    cli.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert int(checkpoint["state_dict"]["stage"]) == 2
+    assert any(key.startswith("stage_teacher.") for key in checkpoint["state_dict"])
+    fresh = build("experiments/toy/ring8/pd.yaml", *overrides, root=str(tmp_path)).model
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert int(fresh.stage) == 2 and torch.equal(fresh.student_times, cli.model.student_times)
+    for a, b in zip(fresh.stage_teacher.parameters(), cli.model.stage_teacher.parameters()):
+        assert torch.equal(a, b)
+    steps = [state["step"] for key, state in checkpoint["callbacks"].items() if "ConsistencyCurriculum" in key]
+    assert steps == [25]
