@@ -8,9 +8,9 @@ from tests.toy_runs import fit_and_measure
 CASES = {
     # name: (config, batches, required improvement factor of sliced W2, nfe, overrides)
     # measured, one seed (2 shared CPU cores): 0.674 -> 0.107 (6.3x), TV 0.024, 8 modes, fit 4-11 s
-    "kd_pairs": ("kd", 400, 1.5, 1, ["--model.init_args.warm_start_steps=300"]),
+    "kd_pairs": ("kd", 400, 3.0, 1, ["--model.init_args.warm_start_steps=300"]),
     # measured: 0.674 -> 0.107 (6.3x), TV 0.027, 8 modes, fit 5-6 s (2048-pair buffer, 512 refreshed every 50)
-    "kd_streaming": ("kd", 400, 1.5, 1, ["--model.init_args.warm_start_steps=300",
+    "kd_streaming": ("kd", 400, 3.0, 1, ["--model.init_args.warm_start_steps=300",
                                         "--model.init_args.mode=streaming", "--model.init_args.buffer_size=2048",
                                         "--model.init_args.refresh_every=50", "--model.init_args.refresh_size=512",
                                         "--model.init_args.teacher_nfe=31"]),
@@ -20,7 +20,7 @@ CASES = {
                                 "--model.init_args.generator_optimizer.init_args.lr=5.0e-4"]),
     # measured: 0.711 -> 0.081 (8.8x), TV 0.019, 8 modes, fit 26-33 s (data-free; the untrained student's output is
     # near 0, hence the different start)
-    "boot": ("boot", 2000, 1.5, 1, ["--model.init_args.generator_optimizer.init_args.lr=5.0e-4"]),
+    "boot": ("boot", 2000, 3.0, 1, ["--model.init_args.generator_optimizer.init_args.lr=5.0e-4"]),
 }
 
 
