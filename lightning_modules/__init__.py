@@ -5,5 +5,6 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       SiDA, SIM, SNOOPI, UniInstruct, VSD, ContinuousConsistencyTraining,
                       ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD, RectifiedFlow, Reflow,
                       RectifiedFlowPP, InstaFlow, SlimFlow, LatentConsistencyModel, MultistepConsistencyModel,
-                      TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel)
+                      TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel,
+                      KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT)
 from .teacher_training import DenoisingScoreMatching

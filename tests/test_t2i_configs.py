@@ -59,6 +59,14 @@ NOT_PROMPT_ONLY = {
            "(tests/test_t2i_consistency_configs.py)",
     "tscd": "as lcm: experiments/mnist_t2i/consistency/hyper_sd.yaml on image-text pairs",
     "tcm": "two-stage CD: like cd, its pairs are noised real samples and its student needs the boundary condition",
+    "kd": "as dmd: its pairs (cached or on the fly) store class ids as conditions; a prompt-conditioned pair file is "
+          "not written yet",
+    "pd": "progressive distillation regresses two teacher DDIM steps from noised real samples (Salimans & Ho Alg. 2): "
+          "no real latents prompt-only",
+    "guidance_distill": "its phase 0 needs only noise, but its phase 1 is progressive distillation on noised real "
+                        "samples (see pd), and the w-embedding wrapper is wired for the toy MLP / MNIST UNet only",
+    "boot": "data-free, but its student is a signal network without preconditioning (networks.signal_mlp / a "
+            "sample-prediction UNet); no such latent student is built from the diffusers teacher yet",
     "dmd": "its regression term needs teacher noise -> image pairs, and the pair files (lightning_modules."
            "trajectory_pairs, datamodules.pairs) store class ids as conditions, not prompts",
     "sida": "its GAN term compares real and generated images: experiments/mnist_t2i/pairs/sida.yaml",

@@ -1,4 +1,5 @@
 """Distillation methods: each file is one paper's algorithm box on the shared DistillationModule."""
+from .boot import BOOT
 from .consistency import ConsistencyDistillation
 from .consistency_family import ConsistencyTraining, TeacherFreeConsistency
 from .diff_instruct import DiffInstruct
@@ -8,11 +9,13 @@ from .dmd2 import DMD2
 from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
 from .ict import ImprovedConsistencyTraining
+from .knowledge_distillation import KnowledgeDistillation
 from .lcm import LatentConsistencyModel
 from .meanflow import MeanFlow
 from .multistep_cd import (MultistepConsistencyDistillation, MultistepConsistencyModel,
                            TrajectorySegmentedConsistencyDistillation)
 from .msd import MSD
+from .progressive import GuidanceDistillation, ProgressiveDistillation
 from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
 from .rg_lcd import RewardGuidedLCD
 from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
@@ -37,4 +40,6 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "rf1": RectifiedFlow, "reflow": Reflow, "rf2pp": RectifiedFlowPP, "instaflow": InstaFlow,
            "slimflow": SlimFlow,
            "lcm": LatentConsistencyModel, "mcd": MultistepConsistencyModel,
-           "tscd": TrajectorySegmentedConsistencyDistillation, "tcm": TruncatedConsistencyModel}
+           "tscd": TrajectorySegmentedConsistencyDistillation, "tcm": TruncatedConsistencyModel,
+           "kd": KnowledgeDistillation, "pd": ProgressiveDistillation, "guidance_distill": GuidanceDistillation,
+           "boot": BOOT}
