@@ -21,11 +21,11 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 ## the test suite (CI runs this through .ci/run); about 21 minutes on 2 cores (about 860 tests)
-## the suite in TEST_WORKERS processes (pytest-xdist, one file per worker at a time: each test runs one torch thread,
-## so two workers fill a 2-core machine; TEST_WORKERS=0 runs it in this process)
+## the suite in TEST_WORKERS processes (pytest-xdist with work stealing: each test runs one torch thread, so two
+## workers fill a 2-core machine; TEST_WORKERS=0 runs it in this process)
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --timeout 900 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" --timeout 900 -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --timeout 1800 $(PYTEST_ARGS)

@@ -45,8 +45,9 @@ class GroundTruthMetrics(Callback):
             if getattr(pl_module.student, "num_classes", 0):
                 cond = torch.multinomial(law.class_weights(), self.num_samples, replacement=True,
                                          generator=generator).to(pl_module.device)
-            samples = pl_module.sample(noise, cond, nfe, teacher_steps=self.teacher_steps,
-                                       teacher_method=self.teacher_method).double().cpu()
+            hybrid = {"teacher_steps": self.teacher_steps, "teacher_method": self.teacher_method} \
+                if self.teacher_steps else {}  # a teacher's own sample() (teacher training) has no hybrid
+            samples = pl_module.sample(noise, cond, nfe, **hybrid).double().cpu()
             results[nfe] = ground_truth_metrics(samples, law, generator=torch.Generator().manual_seed(self.seed + 1),
                                                 num_floor_sets=self.num_floor_sets,
                                                 num_reference_sets=self.num_reference_sets)

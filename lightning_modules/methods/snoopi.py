@@ -75,11 +75,12 @@ class SNOOPI(VSD):
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Tensor | None = None, nfe: int | None = None,
                generator: torch.Generator | None = None, negative_cond: Tensor | None = None,
-               negative_scale: float = 0.0) -> Tensor:
-        """Student samples (EMA network when tracked) with NASA against ``negative_cond`` at ``negative_scale``."""
+               negative_scale: float = 0.0, **hybrid) -> Tensor:
+        """Student samples (EMA network when tracked) with NASA against ``negative_cond`` at ``negative_scale``;
+        ``hybrid``: the base class's teacher_steps / teacher_method."""
         network = self.evaluation_student if self.evaluation_student is not None else self.student
         with negative_away_steering(network, negative_cond, negative_scale):
-            return super().sample(noise, cond, nfe, generator)
+            return super().sample(noise, cond, nfe, generator, **hybrid)
 
 
 # ---------------------------------------------------------------------- NASA
