@@ -15,7 +15,6 @@ import torch
 from lightning_modules.diffusion import EDMSchedule, heun_step
 from lightning_modules.diffusion.samplers import ddim_step
 from lightning_modules.methods.consistency import ConsistencyDistillation
-from lightning_modules.methods.consistency_terms import consistency_terms
 from lightning_modules.methods.rg_lcd import RewardGuidedLCD
 from lightning_modules.methods.scott import SCott
 from lightning_modules.networks import DiscriminatorHead, GaussianMixture, GaussianMixtureTeacher, ToyMLPDenoiser
@@ -191,7 +190,7 @@ def test_rg_lcd_gradient_is_cd_gradient_plus_beta_reward_gradient():
     torch.manual_seed(4)
     cd = torch.autograd.grad(ConsistencyDistillation.generator_loss(module, batch)["loss"], params)
     torch.manual_seed(4)
-    online = consistency_terms(module, batch)["online"]
+    online = module.consistency_terms(batch)["online"]
     # d/dtheta [-beta mean_i r(f_i)] = J^T (-beta / B grad r(f_i)), grad r in closed form
     vector = -beta / 64 * reward.gradient(online.detach())
     reward_grad = torch.autograd.grad(online, params, grad_outputs=vector.to(online))

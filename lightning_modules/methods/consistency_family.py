@@ -122,26 +122,39 @@ class ConsistencyTraining(DistillationModule):
             x_clean = self.target_point(batch, x0, noise, x_noisy, t_noisy, t_clean, cond)
         return x_noisy, t_noisy, x_clean, t_clean, cond
 
-    def generator_loss(self, batch):
+    def consistency_function(self, network, x: Tensor, t: Tensor, cond, t_online: Tensor) -> Tensor:
+        """f(x, t) of ``network``; ``t_online`` is the pair's online time (multistep CD maps to its segment's edge).
+        The network's own output by default; LCM / MCD wrap it (boundary scalings, a DDIM step to an edge)."""
+        return network(x, t, cond)
+
+    def consistency_terms(self, batch) -> dict:
+        """The loss with its pieces kept -- {"loss", "distance", "online" (f_theta(x_t, t), with gradient),
+        "x_noisy", "t_noisy", "cond"} -- so members adding a term on the online output (SCott's GAN term, RG-LCD's
+        reward) cost no second student call, and a weight of 0 on that term reproduces this loss bit for bit."""
         x_noisy, t_noisy, x_clean, t_clean, cond = self.consistency_pair(batch)
         dropout_seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
         devices = [x_noisy.device] if x_noisy.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(dropout_seed)
-            online = self.student(x_noisy, t_noisy, cond)
+            online = self.consistency_function(self.student, x_noisy, t_noisy, cond, t_noisy)
         target_network = self.target_network
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(dropout_seed)
             was_training = target_network.training
             target_network.train(self.student.training)
-            target = target_network(x_clean, t_clean, cond)
+            target = self.consistency_function(target_network, x_clean, t_clean, cond, t_noisy)
             target_network.train(was_training)
         per_sample = distance(online, target.detach(), self.distance_metric, self.huber_c)
         weight = self.pair_weight(t_noisy, t_clean)
-        if weight is None:
-            return {"loss": per_sample.mean()}
-        weighted = per_sample * weight.to(per_sample)
-        return {"loss": weighted.mean(), "distance": per_sample.mean().detach()}
+        loss = per_sample.mean() if weight is None else (per_sample * weight.to(per_sample)).mean()
+        return {"loss": loss, "distance": per_sample.mean().detach(), "weighted": weight is not None,
+                "online": online, "x_noisy": x_noisy, "t_noisy": t_noisy, "cond": cond}
+
+    def generator_loss(self, batch):
+        terms = self.consistency_terms(batch)
+        if not terms["weighted"]:
+            return {"loss": terms["loss"]}
+        return {"loss": terms["loss"], "distance": terms["distance"]}
 
     def on_generator_step_end(self):
         if self.target_student is not None:

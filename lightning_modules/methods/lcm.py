@@ -28,7 +28,6 @@ from torch import Tensor
 from ..diffusion.samplers import ddim_step, heun_step, student_sample
 from ..diffusion.schedules import broadcast_to_data
 from ..diffusion.time_samplers import KarrasIndexTime
-from ..losses import distance
 from ..networks.guidance_mlp import split_guidance, with_guidance
 from .consistency_family import ConsistencyTraining
 
@@ -159,23 +158,6 @@ class LatentConsistencyModel(ConsistencyTraining):
         c_skip = 0.25 / (scaled ** 2 + 0.25)
         c_out = scaled / (scaled ** 2 + 0.25).sqrt()
         return (broadcast_to_data(c_skip, x) * x.double() + broadcast_to_data(c_out, x) * x0.double()).to(x0.dtype)
-
-    def generator_loss(self, batch):
-        x_noisy, t_noisy, x_clean, t_clean, cond = self.consistency_pair(batch)
-        dropout_seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-        devices = [x_noisy.device] if x_noisy.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(dropout_seed)
-            online = self.consistency_function(self.student, x_noisy, t_noisy, cond, t_noisy)
-        target_network = self.target_network
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(dropout_seed)
-            was_training = target_network.training
-            target_network.train(self.student.training)
-            target = self.consistency_function(target_network, x_clean, t_clean, cond, t_noisy)
-            target_network.train(was_training)
-        per_sample = distance(online, target.detach(), self.distance_metric, self.huber_c)
-        return {"loss": per_sample.mean()}
 
     # ------------------------------------------------------------------ sampling (Alg. 3, multistep CM sampling)
     def generate(self, noise, cond=None, nfe=None, network=None, generator=None, guidance_scale=None):

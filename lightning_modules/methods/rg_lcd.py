@@ -33,7 +33,6 @@ from torch import nn
 
 from .rewards import lrm_preference_loss, lrm_regression_loss
 from .consistency import ConsistencyDistillation
-from .consistency_terms import consistency_terms
 
 LRM_LOSSES = ("regression", "preference")
 
@@ -114,7 +113,7 @@ class RewardGuidedLCD(ConsistencyDistillation):
     # ------------------------------------------------------------------ the two losses
     def generator_loss(self, batch):
         batch = self.with_real_data(batch)
-        terms = consistency_terms(self, batch)
+        terms = self.consistency_terms(batch)
         losses = {"consistency": terms["loss"], "distance": terms["distance"]}
         loss = terms["loss"]
         if self.reward_weight > 0:

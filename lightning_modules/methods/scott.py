@@ -47,7 +47,6 @@ from ..diffusion.time_samplers import KarrasRampTime, TimeSampler
 from ..losses import non_saturating_gan_discriminator, non_saturating_gan_generator
 from ..networks.denoiser import FeatureTap
 from .consistency import ConsistencyDistillation
-from .consistency_terms import consistency_terms
 
 SOLVERS = ("heun", "ddim")
 
@@ -170,7 +169,7 @@ class SCott(ConsistencyDistillation):
                                                 self.discriminator_logits(fake_s, s_fake, fake_cond)).mean()
 
     def generator_loss(self, batch):
-        terms = consistency_terms(self, batch)
+        terms = self.consistency_terms(batch)
         losses = {"consistency": terms["loss"], "distance": terms["distance"]}
         loss = terms["loss"]
         if self.gan_generator_weight > 0:
