@@ -105,10 +105,10 @@ class FlowTime:
     """A law of the flow time tau on [0, 1] (tau = 1 noise, tau = 0 data); ``density`` for the tests."""
 
     def __call__(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(n, generator, device) -> tau")
 
     def density(self, tau: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement density(tau)")
 
 
 class UniformFlowTime(FlowTime):

@@ -47,7 +47,7 @@ class Reward(nn.Module):
     reads_images: bool = False
 
     def forward(self, x0: Tensor, cond=None, prompts: Sequence[str] | None = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x0, cond, prompts) -> reward (n,)")
 
     def train(self, mode: bool = True):
         return super().train(False)  # always an evaluator
