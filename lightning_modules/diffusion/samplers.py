@@ -129,3 +129,34 @@ def sampler_times(schedule: NoiseSchedule, nfe: int, method: str = "heun", edm_s
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     levels = max(1, (nfe + 1) // 2) if method == "heun" else nfe
     return schedule.karras_times(levels + 1, edm_sigma_max=edm_sigma_max)[:levels]
+
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+
+def flow_sample(velocity: Velocity, z: Tensor, steps: int, tau_max: float = 1.0, method: str = "euler",
+                return_path: bool = False):
+    """Integrate dy/dtau = v(y, tau) from y = tau_max z at tau_max to tau = 0 on a uniform grid of ``steps`` intervals
+    (Euler: ``steps`` evaluations; Heun: 2 per interval, the last interval Euler so tau = 0 is never evaluated).
+    Returns y(0), or (y(0), taus, ys, velocities) with the velocity used on each interval."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if method not in ("euler", "heun"):
+        raise ValueError(f"unknown flow sampler {method!r}; expected 'euler' or 'heun'")
+    grid = torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
+    y = (tau_max * z.double()).to(z.dtype)
+    ys, velocities = [y], []
+    for i in range(steps):
+        tau = torch.full((z.shape[0],), float(grid[i]), dtype=torch.float64, device=z.device)
+        dt = float(grid[i + 1] - grid[i])
+        v = velocity(y, tau)
+        if method == "heun" and i < steps - 1:
+            y_euler = y + dt * v
+            v_next = velocity(y_euler, torch.full_like(tau, float(grid[i + 1])))
+            v = 0.5 * (v + v_next)
+        y = y + dt * v
+        velocities.append(v)
+        ys.append(y)
+    if return_path:
+        return y, grid, ys, velocities
+    return y

@@ -13,34 +13,18 @@ S / E||y(1) - y(0)||^2 (in [0, inf); 0 for straight flows). Any velocity ``v(y, 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
+from ..diffusion.samplers import Velocity, flow_sample
 
 
 @torch.no_grad()
 def trajectories(velocity: Velocity, z: Tensor, steps: int = 128, method: str = "heun", tau_max: float = 1.0):
     """(taus (steps+1,), ys list of steps+1 points, velocities list of steps) of the ODE from y(tau_max) = tau_max z
-    to y(0) on a uniform grid; Heun uses the averaged slope per interval (its last interval Euler, tau = 0 unevaluated)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    grid = torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
-    y = (tau_max * z.double()).to(z.dtype)
-    ys, velocities = [y], []
-    for i in range(steps):
-        tau = torch.full((z.shape[0],), float(grid[i]), dtype=torch.float64, device=z.device)
-        dt = float(grid[i + 1] - grid[i])
-        v = velocity(y, tau)
-        if method == "heun" and i < steps - 1:
-            v = 0.5 * (v + velocity(y + dt * v, torch.full_like(tau, float(grid[i + 1]))))
-        elif method not in ("heun", "euler"):
-            raise ValueError(f"unknown method {method!r}; expected 'heun' or 'euler'")
-        y = y + dt * v
-        ys.append(y)
-        velocities.append(v)
+    to y(0) on a uniform grid (``diffusion.samplers.flow_sample``: Heun averages the slopes of an interval, its last
+    interval Euler, so tau = 0 is never evaluated)."""
+    _, grid, ys, velocities = flow_sample(velocity, z, steps, tau_max, method, return_path=True)
     return grid, ys, velocities
 
 

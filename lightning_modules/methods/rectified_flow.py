@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from ..base import DistillationModule
+from ..diffusion.samplers import flow_sample
 from ..diffusion.schedules import NoiseSchedule, broadcast_to_data
 from ..losses import distance
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
 COUPLINGS = ("independent", "teacher", "pairs")
 
 
@@ -70,34 +68,6 @@ def flow_velocity(network, y: Tensor, tau: Tensor, cond, schedule: NoiseSchedule
     x_t = (alpha * y.double() / (1.0 - tau_b)).to(y.dtype)
     x0 = network(x_t, t, cond)
     return ((y.double() - x0.double()) / tau_b).to(y.dtype)
-
-
-def flow_sample(velocity: Velocity, z: Tensor, steps: int, tau_max: float = 1.0, method: str = "euler",
-                return_path: bool = False):
-    """Integrate dy/dtau = v(y, tau) from y = tau_max z at tau_max to tau = 0 on a uniform grid of ``steps`` intervals
-    (Euler: ``steps`` evaluations; Heun: 2 per interval, the last interval Euler so tau = 0 is never evaluated).
-    Returns y(0), or (y(0), taus, ys, velocities) with the velocity used on each interval."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown flow sampler {method!r}; expected 'euler' or 'heun'")
-    grid = torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
-    y = (tau_max * z.double()).to(z.dtype)
-    ys, velocities = [y], []
-    for i in range(steps):
-        tau = torch.full((z.shape[0],), float(grid[i]), dtype=torch.float64, device=z.device)
-        dt = float(grid[i + 1] - grid[i])
-        v = velocity(y, tau)
-        if method == "heun" and i < steps - 1:
-            y_euler = y + dt * v
-            v_next = velocity(y_euler, torch.full_like(tau, float(grid[i + 1])))
-            v = 0.5 * (v + v_next)
-        y = y + dt * v
-        velocities.append(v)
-        ys.append(y)
-    if return_path:
-        return y, grid, ys, velocities
-    return y
 
 
 # ------------------------------------------------------------------------------------------------ time laws
