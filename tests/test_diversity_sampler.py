@@ -79,6 +79,7 @@ def test_every_module_samples_hybrid_through_its_teacher():
     assert len(calls) == 3
 
 
+@pytest.mark.slow  # 3000 batches of DMD2 then 2x4000-sample metrics: 60-160 s on 2 shared cores; `make test-all`
 def test_hybrid_sampler_raises_recall_of_a_reverse_kl_student(tmp_path):
     """A 4-step DMD2 student of a mixture with a light, distant mode (experiments/toy/light_mode/dmd2_hybrid.yaml)
     is mode-seeking: its samples cover the modes but not their spread (recall well below the teacher's). Handing the

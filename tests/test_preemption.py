@@ -61,15 +61,26 @@ def _finish(process: subprocess.Popen, out: Path) -> None:
 
 
 def test_signal_mid_epoch_checkpoints_at_the_batch_boundary_and_resumes_bit_for_bit(tmp_path):
-    """DMD2 (critic, TTUR 5:1, EMA, cosine LR) stopped by SIGUSR1, consistency distillation (target network) stopped
-    by SIGTERM, and DMD2 under 2-process FSDP with only rank 0 signalled -- all mid-epoch; resumed with --ckpt_path
-    hpc they end exactly where uninterrupted fits end (every parameter, EMA, optimizer and scheduler state)."""
+    """DMD2 (critic, TTUR 5:1, EMA, cosine LR) stopped by SIGUSR1 and consistency distillation (target network)
+    stopped by SIGTERM, both mid-epoch; resumed with --ckpt_path hpc they end exactly where uninterrupted fits end
+    (every parameter, EMA, optimizer and scheduler state)."""
+    _stop_resume_and_compare(tmp_path, {"dmd2": ("dmd2", "SIGUSR1", [], 13), "cd": ("cd", "SIGTERM", [], 13)})
+
+
+@pytest.mark.slow  # four 2-process FSDP launches: about 80 s of the suite's budget; run by `make test-all`
+def test_signal_to_rank_0_of_fsdp_checkpoints_and_resumes_bit_for_bit(tmp_path):
+    """DMD2 under 2-process FSDP with only rank 0 signalled: the same stop / resume equality as the single-process
+    cases."""
+    fsdp = ["-c", "experiments/strategies/fsdp.yaml", "--trainer.devices=2", "--data.init_args.batch_size=64"]
+    _stop_resume_and_compare(tmp_path, {"dmd2_fsdp": ("dmd2", "SIGUSR1", fsdp, 7)})
+
+
+def _stop_resume_and_compare(tmp_path, cases: dict) -> None:
+    """cases: name -> (method, signal, extra CLI arguments, batches done at the checkpoint)."""
     from tests.slurm_probe import write_short_toy_config
 
-    fsdp = ["-c", "experiments/strategies/fsdp.yaml", "--trainer.devices=2", "--data.init_args.batch_size=64"]
-    cases = {"dmd2": ("dmd2", "SIGUSR1", [], 13), "cd": ("cd", "SIGTERM", [], 13),
-             "dmd2_fsdp": ("dmd2", "SIGUSR1", fsdp, 7)}
-    configs = {m: write_short_toy_config(str(tmp_path / f"{m}.yaml"), method=m, batches=30) for m in ("dmd2", "cd")}
+    methods = sorted({method for method, *_ in cases.values()})
+    configs = {m: write_short_toy_config(str(tmp_path / f"{m}.yaml"), method=m, batches=30) for m in methods}
     first = {}
     for case, (method, name, extra, _) in cases.items():
         block_at = "5" if extra else "11"  # FSDP: 15 batches per rank
