@@ -101,3 +101,45 @@ def test_hybrid_sampler_raises_recall_of_a_reverse_kl_student(tmp_path):
     assert plain["recall"] < 0.8  # the reverse-KL student lacks diversity
     assert hybrid["recall"] > plain["recall"] + 0.07
     assert hybrid["modes_covered"] >= plain["modes_covered"]
+
+
+def test_flow_hybrid_is_teacher_flow_steps_then_the_student_flow():
+    """On a flow student's uniform tau grid: m teacher Heun intervals (2 evaluations each), then the student's Euler
+    for the rest -- equal to composing the two integrators by hand; with teacher = student and Euler it is the plain
+    flow sampler."""
+    from lightning_modules.diffusion.samplers import flow_hybrid_sample, flow_sample
+    teacher_v = Counted(lambda y, tau: -y * (1 + tau[:, None]))
+    student_v = Counted(lambda y, tau: 0.5 * y + tau[:, None])
+    z = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    steps, tau_max = 4, 0.9
+    hybrid = flow_hybrid_sample(teacher_v, student_v, z, steps, tau_max, teacher_steps=2)
+    assert (teacher_v.calls, student_v.calls) == (4, 2)
+    grid = torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
+    y = tau_max * z
+    for i in range(steps):
+        tau, dt = torch.full((32,), float(grid[i]), dtype=torch.float64), float(grid[i + 1] - grid[i])
+        if i < 2:
+            v = teacher_v.fn(y, tau)
+            v = 0.5 * (v + teacher_v.fn(y + dt * v, torch.full_like(tau, float(grid[i + 1]))))
+        else:
+            v = student_v.fn(y, tau)
+        y = y + dt * v
+    torch.testing.assert_close(hybrid, y, rtol=0, atol=1e-12)
+    same = flow_hybrid_sample(student_v.fn, student_v.fn, z, steps, tau_max, 1, "euler")
+    torch.testing.assert_close(same, flow_sample(student_v.fn, z, steps, tau_max), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="got 4"):
+        flow_hybrid_sample(teacher_v, student_v, z, steps, tau_max, teacher_steps=4)
+
+
+def test_flow_students_sample_hybrid_through_their_teacher():
+    from lightning_modules.methods import RectifiedFlow
+    module = RectifiedFlow(teacher=GaussianMixtureTeacher("ring8", EDMSchedule()),
+                           student=ToyMLPDenoiser(dim=2, hidden=32, depth=2, sigma_data=0.5))
+    calls = []
+    original = module.teacher_x0
+    module.teacher_x0 = lambda x, t, cond, guidance_scale=None: calls.append(1) or original(x, t, cond)
+    noise = torch.randn(16, 2)
+    plain = module.sample(noise, None, 3)
+    assert not calls
+    hybrid = module.sample(noise, None, 3, teacher_steps=2)
+    assert len(calls) == 4 and hybrid.shape == plain.shape and not torch.equal(hybrid, plain)

@@ -139,24 +139,52 @@ def flow_sample(velocity: Velocity, z: Tensor, steps: int, tau_max: float = 1.0,
     """Integrate dy/dtau = v(y, tau) from y = tau_max z at tau_max to tau = 0 on a uniform grid of ``steps`` intervals
     (Euler: ``steps`` evaluations; Heun: 2 per interval, the last interval Euler so tau = 0 is never evaluated).
     Returns y(0), or (y(0), taus, ys, velocities) with the velocity used on each interval."""
+    grid = _flow_grid(steps, tau_max, method)
+    y, ys, velocities = _flow_integrate(velocity, (tau_max * z.double()).to(z.dtype), grid, method)
+    if return_path:
+        return y, grid, ys, velocities
+    return y
+
+
+def flow_hybrid_sample(teacher_velocity: Velocity, student_velocity: Velocity, z: Tensor, steps: int,
+                       tau_max: float = 1.0, teacher_steps: int = 1, teacher_method: str = "heun",
+                       student_method: str = "euler") -> Tensor:
+    """``hybrid_sample`` for flow students (Gandikota & Bau 2025, Sec. 5): the first ``teacher_steps`` intervals of
+    the student's uniform ``steps``-interval tau grid are the teacher's flow ODE (Heun: 2 evaluations each; Euler /
+    DDIM, which coincide for a linear interpolant: 1), the student integrates the rest with its own sampler."""
+    if not 0 < teacher_steps < steps:
+        raise ValueError(f"teacher_steps must be in [1, {steps - 1}] for a {steps}-step flow student, got "
+                         f"{teacher_steps} (a one-step student needs nfe >= 2 to hand over)")
+    if teacher_method not in ("heun", "euler", "ddim"):
+        raise ValueError(f"unknown hybrid teacher step {teacher_method!r}; expected 'heun', 'euler' or 'ddim'")
+    grid = _flow_grid(steps, tau_max, student_method)
+    with torch.no_grad():
+        # the teacher never takes the final interval, so its Heun steps never evaluate tau = 0
+        y, _, _ = _flow_integrate(teacher_velocity, (tau_max * z.double()).to(z.dtype), grid[:teacher_steps + 1],
+                                  "heun" if teacher_method == "heun" else "euler", last_interval_euler=False)
+    return _flow_integrate(student_velocity, y, grid[teacher_steps:], student_method)[0]
+
+
+def _flow_grid(steps: int, tau_max: float, method: str) -> Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown flow sampler {method!r}; expected 'euler' or 'heun'")
-    grid = torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
-    y = (tau_max * z.double()).to(z.dtype)
+    return torch.linspace(tau_max, 0.0, steps + 1, dtype=torch.float64)
+
+
+def _flow_integrate(velocity: Velocity, y: Tensor, grid: Tensor, method: str, last_interval_euler: bool = True):
+    """Euler / Heun along the descending ``grid`` from y at grid[0]; returns (y at grid[-1], ys, velocities)."""
     ys, velocities = [y], []
-    for i in range(steps):
-        tau = torch.full((z.shape[0],), float(grid[i]), dtype=torch.float64, device=z.device)
+    intervals = len(grid) - 1
+    for i in range(intervals):
+        tau = torch.full((y.shape[0],), float(grid[i]), dtype=torch.float64, device=y.device)
         dt = float(grid[i + 1] - grid[i])
         v = velocity(y, tau)
-        if method == "heun" and i < steps - 1:
-            y_euler = y + dt * v
-            v_next = velocity(y_euler, torch.full_like(tau, float(grid[i + 1])))
+        if method == "heun" and (i < intervals - 1 or not last_interval_euler):
+            v_next = velocity(y + dt * v, torch.full_like(tau, float(grid[i + 1])))
             v = 0.5 * (v + v_next)
         y = y + dt * v
         velocities.append(v)
         ys.append(y)
-    if return_path:
-        return y, grid, ys, velocities
-    return y
+    return y, ys, velocities

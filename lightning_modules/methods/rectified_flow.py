@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..base import DistillationModule
-from ..diffusion.samplers import flow_sample
+from ..diffusion.samplers import flow_hybrid_sample, flow_sample
 from ..diffusion.schedules import NoiseSchedule, broadcast_to_data
 from ..losses import distance
 
@@ -191,10 +191,21 @@ class RectifiedFlow(DistillationModule):
         return flow_sample(lambda y, tau: self.velocity(network, y, tau, cond), noise, steps, self.tau_max,
                            self.sample_method)
 
+    @torch.no_grad()
     def sample(self, noise, cond=None, nfe=None, generator=None, teacher_steps: int = 0, teacher_method: str = "heun"):
-        if teacher_steps:
-            raise NotImplementedError("the hybrid teacher/student sampler is not defined for flow students")
-        return super().sample(noise, cond, nfe, generator)
+        """``teacher_steps`` > 0: the hybrid sampler on the flow's tau grid (``samplers.flow_hybrid_sample``)."""
+        if not teacher_steps:
+            return super().sample(noise, cond, nfe, generator)
+        network = self.evaluation_student if self.evaluation_student is not None else self.student
+        was_training = network.training
+        network.eval()
+        try:
+            return flow_hybrid_sample(lambda y, tau: self.teacher_velocity(y, tau, cond),
+                                      lambda y, tau: self.velocity(network, y, tau, cond), noise,
+                                      self.default_nfe if nfe is None else nfe, self.tau_max, teacher_steps,
+                                      teacher_method, self.sample_method)
+        finally:
+            network.train(was_training)
 
     # ---------------------------------------------------------------- couplings
     @torch.no_grad()
