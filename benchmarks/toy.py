@@ -72,6 +72,15 @@ def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321, targe
     return records
 
 
+def scale_stage_lengths(module, factor: float) -> None:
+    """A shortened run shortens a staged method's stages alike (PD's steps_per_stage, TCM's stage1_steps, InstaFlow's
+    reflow_steps, ...: the attributes its class lists in ``stage_lengths``), so every stage still runs."""
+    for name in getattr(type(module), "stage_lengths", ()):
+        value = getattr(module, name)
+        if value:
+            setattr(module, name, max(1, round(value * factor)))
+
+
 def run_method(dataset, method, args):
     """Worker: train one config and evaluate its student at every NFE."""
     import torch
@@ -85,6 +94,7 @@ def run_method(dataset, method, args):
     cli = main(["-c", config, *overrides], run=False)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     batches = max(50, int(datamodule.batches_per_epoch * args.scale))
+    scale_stage_lengths(module, batches / datamodule.batches_per_epoch)
     datamodule.batches_per_epoch = batches
     module.hparams.warm_start_steps = max(100, int(module.hparams.warm_start_steps * min(1.0, args.scale * 2)))
     start = time.time()

@@ -22,6 +22,9 @@ from .consistency_family import TeacherFreeConsistency
 
 
 class EasyConsistencyTuning(TeacherFreeConsistency):
+    #: attributes counted in generator updates (a benchmark that shortens the run scales them alike)
+    stage_lengths = ("stage_steps",)
+
     def __init__(self, *args, stage_steps: int = 25000, q: float = 2.0, k: float = 8.0, b: float = 1.0,
                  p_mean: float = -1.1, p_std: float = 2.0, target_ema_decay: float | None = None,
                  distance_metric: str = "pseudo_huber", huber_c: float | None = None, **kwargs):

@@ -77,6 +77,8 @@ def one_step_target(z_t: Tensor, z_end: Tensor, t: Tensor, end: Tensor | None, s
 
 class ProgressiveDistillation(DistillationModule):
     uses_critic = False
+    #: attributes counted in generator updates (a benchmark that shortens the run scales them alike)
+    stage_lengths = ("steps_per_stage",)
     needs_real_data = True
     real_data_reason = "Algorithm 2 noises data samples x to z_t before the two teacher steps"
 
@@ -254,6 +256,7 @@ class ProgressiveDistillation(DistillationModule):
 class GuidanceDistillation(ProgressiveDistillation):
     """Meng et al. 2023: stage 1 (``guidance_steps`` updates) w-conditioned regression onto the CFG teacher, then
     progressive distillation of that student (stages 1..). ``phase`` buffer: 0 = stage 1, 1 = progressive."""
+    stage_lengths = ProgressiveDistillation.stage_lengths + ("guidance_steps",)
 
     def __init__(self, *args, guidance_range: tuple[float, float] = (1.0, 4.0), guidance_steps: int = 1000,
                  sample_guidance_scale: float = 2.0, **kwargs):

@@ -272,6 +272,8 @@ class InstaFlow(Reflow):
     pseudo-Huber, the paper's LPIPS is unavailable offline). The student continues from the 2-RF weights (the
     paper initialises the one-step model from 2-RF). ``reflow_steps = 0``: distil the teacher's own pairs (the coupling
     the datamodule or the teacher's ODE gives) directly."""
+    #: attributes counted in generator updates (a benchmark that shortens the run scales them alike)
+    stage_lengths = ("reflow_steps",)
 
     def __init__(self, *args, reflow_steps: int = 1000, distill_nfe: int = 8, distill_distance: str = "l2",
                  **kwargs):

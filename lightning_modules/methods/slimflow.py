@@ -28,6 +28,8 @@ from .rectified_flow import InstaFlow
 
 
 class SlimFlow(InstaFlow):
+    stage_lengths = InstaFlow.stage_lengths + ("anneal_steps",)
+
     def __init__(self, *args, anneal_steps: int = 500, anneal_mode: str = "fraction", guidance_weight: float = 1.0,
                  reflow_steps: int = 1000, **kwargs):
         super().__init__(*args, reflow_steps=reflow_steps, **kwargs)

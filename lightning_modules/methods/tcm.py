@@ -47,6 +47,9 @@ class _BoundaryTarget(nn.Module):
 
 
 class TruncatedConsistencyModel(ConsistencyDistillation):
+    #: attributes counted in generator updates (a benchmark that shortens the run scales them alike)
+    stage_lengths = ("stage1_steps",)
+
     def __init__(self, *args, dividing_sigma: float = 1.0, stage1_steps: int = 0,
                  stage1_checkpoint: str | None = None, boundary_fraction: float = 0.25, **kwargs):
         super().__init__(*args, **kwargs)
