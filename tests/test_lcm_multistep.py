@@ -206,3 +206,26 @@ def test_tcm_stage2_targets_use_the_frozen_stage1_model_at_the_dividing_time():
     assert torch.allclose(out[2:], module.target_student.module(x[2:], tt[2:]), atol=1e-6)
     times = module.evaluation_times(3)
     assert (module.schedule.edm_sigma(times) >= 1.0 - 1e-9).all()
+
+
+def test_mnist_lcm_student_embeds_the_per_sample_w():
+    """experiments/mnist/lcm.yaml: the UNet student is wrapped in GuidanceEmbeddedDenoiser, so LCM draws w per sample
+    (guidance_range [1, 3]) and the w reaches the UNet's time embedding: zero at initialisation (the student is the
+    teacher copy), then a change in w changes the output, and only the samples whose w changed."""
+    from lightning_modules.cli import main
+
+    cli = main(["-c", "experiments/mnist/lcm.yaml", "--trainer.logger=false"], run=False)
+    module = cli.model
+    assert module.guidance_embedding and (module.w_min, module.w_max, module.eval_guidance_scale) == (1.0, 3.0, 2.0)
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.full((3,), 2.0, dtype=torch.float64), torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        plain = module.student(x, t, labels)
+        at_init = module.student(x, t, GuidedLabels(labels, torch.tensor([1.0, 2.0, 3.0])))
+        torch.testing.assert_close(plain, at_init, rtol=0, atol=0)
+        torch.nn.init.normal_(module.student.embed.projection.weight, std=0.1)
+        first = module.student(x, t, GuidedLabels(labels, torch.tensor([1.0, 2.0, 3.0])))
+        second = module.student(x, t, GuidedLabels(labels, torch.tensor([1.0, 2.0, 1.5])))
+    assert (first - plain).abs().max() > 1e-3
+    torch.testing.assert_close(first[:2], second[:2], rtol=0, atol=1e-6)
+    assert (first[2] - second[2]).abs().max() > 1e-4

@@ -94,8 +94,9 @@ class LatentConsistencyModel(ConsistencyTraining):
             guidance_embedding = high > low and self._student_takes_guidance()
         if guidance_embedding and not self._student_takes_guidance():
             raise ValueError(f"guidance_embedding needs a student that takes w: {type(self.student).__name__} does "
-                             "not (use networks.guidance_mlp.GuidanceToyMLPDenoiser, or a diffusers UNet with "
-                             "time_cond_proj_dim); a LoRA student keeps the teacher's architecture: w_min = w_max")
+                             "not (use networks.guidance_mlp.GuidanceToyMLPDenoiser, networks.GuidanceEmbeddedDenoiser "
+                             "around any Denoiser, or a diffusers UNet with time_cond_proj_dim); a LoRA student keeps "
+                             "the teacher's architecture: w_min = w_max")
         self.guidance_embedding = bool(guidance_embedding)
         self.register_buffer("sub_grid", self._sub_grid(), persistent=False)
 

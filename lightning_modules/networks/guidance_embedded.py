@@ -7,7 +7,8 @@ Meng et al. add w to the time embedding) is replaced by a small module whose out
 Linear(guidance_embedding(w)). The projection starts at zero, so the wrapped student is the base network until it
 learns to use w -- a teacher copy stays a teacher copy. Calling without ``guidance`` (the warm start, a plain
 sampler) adds nothing. The w enters through ``forward(..., guidance=w)``; a TextCondition's ``guidance`` field is used
-when no explicit w is given (the path guidance-embedded UNets already take).
+when no explicit w is given (the path guidance-embedded UNets already take), and so is the w of LCM's
+``GuidedLabels`` (``guidance_mlp.with_guidance``), which makes any Denoiser an LCM student conditioned on w.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from .denoiser import Denoiser
 from .diffusers_adapter import guidance_embedding
+from .guidance_mlp import split_guidance
 
 
 class _GuidanceAdd(nn.Module):
@@ -48,6 +50,9 @@ def _resolve(module: nn.Module, path: str):
 
 
 class GuidanceEmbeddedDenoiser(Denoiser):
+    #: LCM draws w per sample and hands it over in the condition (``guidance_mlp.with_guidance``)
+    accepts_guidance = True
+
     def __init__(self, base: Denoiser, embed_module: str = "input", embedding_dim: int = 64):
         super().__init__(base.schedule, prediction_type=base.prediction_type)
         self.base = base
@@ -89,11 +94,12 @@ class GuidanceEmbeddedDenoiser(Denoiser):
         return self.base.predict(x_t, t, cond)
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None, prediction: str = "x0", guidance: Tensor | float | None = None):
-        if guidance is None and getattr(cond, "guidance", None) is not None:
-            guidance = cond.guidance
+        plain, carried = split_guidance(cond)  # LCM's GuidedLabels / a TextCondition's guidance field
+        if guidance is None:
+            guidance = carried
         self.base.schedule = self.schedule
         self.embed.guidance = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float64)
         try:
-            return super().forward(x_t, t, cond, prediction)
+            return super().forward(x_t, t, plain, prediction)
         finally:
             self.embed.guidance = None
