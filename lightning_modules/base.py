@@ -102,11 +102,17 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         self.teacher = teacher.requires_grad_(False).eval()
         self.schedule = teacher.schedule
         # Networks that start from the teacher are explicit copies (DMD2/SiD initialise G and F from T), or, with
-        # ``student_lora``, low-rank adapters on the shared frozen teacher (LoRA students, Hu et al. 2022).
-        if student_lora is not None and student is not None:
-            raise ValueError("give student (a network) or student_lora (adapters on the teacher), not both")
+        # ``student_lora``, low-rank adapters on a frozen base (LoRA students, Hu et al. 2022): the shared teacher
+        # when no student network is given, else the given network, then owned and frozen (a distilled generator
+        # to adapt; on the toy suite the network the warm start fits to the exact teacher, which has no weights).
+        # Every method builds its critic, targets and EMA copies from ``self.student``, so this is "LoRA for any
+        # method": only the adapters (and their optimizer state) are trained.
         if student_lora is not None:
-            self.student = self._lora_student(teacher, student_lora)
+            if student is not None:   # the base gets the teacher's schedule and law-derived scale before wrapping
+                self._share_schedule(student, "student")
+                derive_sigma_data(student, getattr(teacher, "law", None))
+            self.student = self._lora_student(teacher if student is None else student, student_lora,
+                                              own_base=student is not None)
         else:
             self.student = copy.deepcopy(teacher).requires_grad_(True) if student is None else student
         self._share_schedule(self.student, "student")
@@ -133,16 +139,27 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _lora_student(teacher: Denoiser, options: dict):
+    def _lora_student(base: Denoiser, options: dict, own_base: bool = False):
         from .networks.lora import LoRACritic
 
         allowed = {"rank", "alpha", "target_modules", "dropout"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise ValueError(f"unknown student_lora option(s) {unknown}; expected some of {sorted(allowed)}")
-        if not any(True for _ in teacher.parameters()):
-            raise ValueError(f"student_lora needs a teacher with weights to adapt; {type(teacher).__name__} has none")
-        return LoRACritic(teacher, adapter_name="student", **options)
+        if not any(True for _ in base.parameters()):
+            raise ValueError(f"student_lora needs a network with weights to adapt; {type(base).__name__} has none "
+                             "(for the exact Gaussian-mixture teacher give a student network as the LoRA base)")
+        return LoRACritic(base, adapter_name="student", own_base=own_base, **options)
+
+    def trainable_parameter_fraction(self) -> float:
+        """Trained student parameters / all student parameters (a LoRA student's base counted; HiPA reports it)."""
+        network = self.student
+        base = getattr(network, "base_network", None)
+        trained = sum(p.numel() for p in self.generator_parameters())
+        total = sum(p.numel() for p in network.parameters())
+        if base is not None and not getattr(network, "own_base", True):
+            total += sum(p.numel() for p in base.parameters())  # the shared teacher is held outside the student
+        return trained / max(total, 1)
 
     def _apply_memory_options(self, gradient_checkpointing: bool, attention_backend: str) -> None:
         """Gradient checkpointing on the trained networks; xformers attention when CUDA is present, else torch SDPA."""
@@ -428,13 +445,28 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         resuming = self._trainer is not None and self.trainer.ckpt_path is not None
         if stage == "fit" and self.hparams.warm_start_steps > 0 and not bool(self.warm_started) and not resuming:
             draw = law_draw(self._warm_start_law(), conditional=getattr(self.student, "num_classes", 0) > 0)
-            regress_to_teacher(self.student, self.teacher_x0, draw, self.schedule,
+            fitted = self._warm_start_network()
+            regress_to_teacher(fitted, self.teacher_x0, draw, self.schedule,
                                steps=self.hparams.warm_start_steps, lr=self.hparams.warm_start_lr,
                                batch_size=self.hparams.warm_start_batch_size, seed=self.hparams.seed)
+            if fitted is not self.student:
+                fitted.requires_grad_(False).zero_grad(set_to_none=True)  # frozen again, no stale gradients held
+                self.student.reset_adapters()   # ... and its adapters start at B = 0 on the fitted base
             if self.critic is not None:
-                self.critic.load_state_dict(self.student.state_dict())
+                weights = self.student.state_dict()
+                if set(weights) != set(self.critic.state_dict()) and fitted is not self.student:
+                    weights = fitted.state_dict()  # a LoRA critic on a LoRA student's base: it starts as that base
+                self.critic.load_state_dict(weights)
             self.warm_started.fill_(True)
             self.on_warm_start_end()
+
+    def _warm_start_network(self) -> nn.Module:
+        """The network the warm start fits: the student, or for a LoRA student on its own base that base (unfrozen
+        for the fit), so the adapters start on a base that already denoises like the teacher."""
+        base = getattr(self.student, "base_network", None)
+        if base is not None and getattr(self.student, "own_base", False):
+            return base.requires_grad_(True)
+        return self.student
 
     def on_warm_start_end(self) -> None:
         """Hook for methods that keep extra copies of the student (e.g. a consistency target)."""

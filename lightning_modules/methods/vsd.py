@@ -90,7 +90,9 @@ class VSD(DMD2):
         super().__init__(teacher, *args, critic=critic, **kwargs)
         if critic_base == "student":
             # the base class copied the student as the critic; that copy becomes the LoRA's frozen base
-            self.critic = LoRACritic(self.critic, own_base=True, **lora)
+            # (a LoRA student's copy carries adapters already: its merged network is the base instead)
+            base = self.critic.merged_copy() if isinstance(self.critic, LoRACritic) else self.critic
+            self.critic = LoRACritic(base, own_base=True, **lora)
         self.critic_base = critic_base
         self.gradient_weighting, self.guide_critic = gradient_weighting, guide_critic
         self.critic_label_dropout = critic_label_dropout

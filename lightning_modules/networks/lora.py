@@ -187,6 +187,26 @@ class LoRACritic(Denoiser):
         with self.attached():
             return self.base_network.predict(x_t, t, cond)
 
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, *args, **kwargs) -> Tensor:
+        """The base network's own forward with the adapters attached, so a base with a richer call (e.g. the
+        guidance-embedded student's ``guidance=w``) keeps it."""
+        with self.attached():
+            return self.base_network(x_t, t, cond, *args, **kwargs)
+
+    @torch.no_grad()
+    def merged_copy(self) -> Denoiser:
+        """A plain, trainable copy of the base network with this network's adapter deltas merged into its weights
+        (peft's ``get_delta_weight``): the same function as this LoRA network, without adapters. What a method that
+        wraps the student in adapters of its own (VSD's LoRA critic on a LoRA student) starts from, since peft cannot
+        inject adapters into layers that already carry some."""
+        import copy
+
+        merged = copy.deepcopy(self.base_network)
+        for path, layer in self.adapter_layers():
+            target = merged.get_submodule(path)
+            target.weight.add_(layer.get_delta_weight(self.adapter_name).to(target.weight.dtype))
+        return merged.requires_grad_(True)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.own_base:
