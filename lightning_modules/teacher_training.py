@@ -1,5 +1,7 @@
 """Teacher training / fine-tuning by denoising score matching (Karras et al. 2022, Eq. 2 and Table 1), with label
-dropout so the teacher supports classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
+dropout so the teacher supports classifier-free guidance (Ho & Salimans 2022, Sec. 3.2). The condition is whatever the
+batch's ``real_cond`` carries -- class labels, or an ``ImageCondition`` for a restoration teacher (SR3, Saharia et
+al. 2022) -- and is dropped through the conditioning layer, never by kind here.
 
     x0, c ~ data;  c <- null with probability p_uncond;  t ~ p(t);  L = lambda(t) ||D(alpha_t x0 + sigma_t eps, t, c) - x0||^2
 """
@@ -13,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from .base import EvaluationNetworkMixin
+from .conditioning.condition import carries_own_null, drop_conditions
 from .diffusion.samplers import sampler_times, teacher_sample
 from .diffusion.schedules import NoiseSchedule
 from .diffusion.time_samplers import LogNormalTime, TimeSampler
@@ -50,11 +53,12 @@ class DenoisingScoreMatching(EvaluationNetworkMixin, LightningModule):
             raise ValueError("teacher training needs data samples: the batch has no 'real' entry")
         x0, cond = batch["real"], batch.get("real_cond")
         num_classes = getattr(self.network, "num_classes", 0)
-        if cond is not None and num_classes:
-            drop = torch.rand(cond.shape[0], device=cond.device) < self.hparams.label_dropout
-            cond = torch.where(drop, torch.full_like(cond, num_classes), cond)
-        elif not num_classes:
-            cond = None
+        if cond is not None and (num_classes or carries_own_null(cond)):
+            # labels drop to the null label; an image condition (restoration teacher) to its blank image
+            drop = torch.rand(len(cond), device=x0.device) < self.hparams.label_dropout
+            cond = drop_conditions(cond, drop, num_classes or None)
+        else:
+            cond = None  # an unconditional network ignores the labels the data carries
         t = self.time_sampler(x0.shape[0], self.schedule, device=x0.device)
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
         weight = dsm_weight(self.schedule, t, self.hparams.weighting)

@@ -1,11 +1,15 @@
 """The condition a batch carries, and the few operations every method needs on it, whatever its kind.
 
-Two kinds exist:
+Three kinds exist:
   * class labels: a (B,) long tensor; the unconditional label is the teacher's ``num_classes`` (the label dropped to
     during teacher training);
   * encoded prompts: a ``TextCondition``, which carries its own unconditional counterpart -- the embedding of the
     empty prompt, or of the negative prompt when one is given -- so classifier-free guidance (Ho & Salimans 2022,
-    Eq. 6) and label dropout need no knowledge of the encoder that made it.
+    Eq. 6) and label dropout need no knowledge of the encoder that made it;
+  * a low-quality image to restore: an ``ImageCondition`` (the degraded image brought back to the output grid, its
+    downsampling factor, and which rows are dropped to the unconditional condition); its unconditional counterpart
+    is a blank image with every row marked dropped, so it too carries its own null (SR3, Saharia et al. 2022, feed
+    the upsampled low-resolution image to the denoiser as extra input channels; see networks/restoration_unet.py).
 
 Methods never branch on the kind: they call ``unconditional``, ``concat_conditions``, ``drop_conditions`` and
 ``select_conditions``, which dispatch here. This keeps the conditioning layer below the methods.
@@ -81,7 +85,74 @@ class TextCondition:
         return dataclasses.replace(self, guidance=scale)
 
 
-Condition = Union[Tensor, TextCondition, None]
+@dataclass
+class ImageCondition:
+    """The degraded image(s) a restoration network is conditioned on, for one batch.
+
+    ``image``: (B, C, H, W) the low-quality image upsampled back to the high-quality grid (H, W), in [-1, 1];
+    ``scale``: (B,) long downsampling factor that made each row (1 = no downsampling), so one network can serve
+    several scales (YONOS-SR's scale distillation trains across them); None when the batch does not say;
+    ``dropped``: (B,) bool, True where the row is the unconditional condition (blank image) -- set by
+    ``unconditional`` / ``drop_conditions``, read by the network (its null scale embedding); None = none dropped;
+    ``labels``: (B,) the digit / class of the high-quality image where the dataset has one (evaluation by class).
+    """
+
+    image: Tensor
+    scale: Tensor | None = None
+    dropped: Tensor | None = None
+    labels: Tensor | None = None
+
+    def __post_init__(self):
+        if self.image.ndim != 4:
+            raise ValueError(f"ImageCondition.image must be (batch, channels, height, width), got "
+                             f"{tuple(self.image.shape)}")
+        batch = self.image.shape[0]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and field.name != "image" and (value.ndim != 1 or value.shape[0] != batch):
+                raise ValueError(f"ImageCondition.{field.name} must be ({batch},) like the image batch, got "
+                                 f"{tuple(value.shape)}")
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.device
+
+    def map(self, fn) -> "ImageCondition":
+        """Apply ``fn`` to every tensor field (None stays None)."""
+        return ImageCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                 for f in dataclasses.fields(self)})
+
+    def to(self, *args, **kwargs) -> "ImageCondition":
+        # only the image follows a dtype change; scale / dropped / labels stay integer / bool
+        moved = self.image.to(*args, **kwargs)
+        return ImageCondition(moved, *(None if v is None else v.to(moved.device) for v in
+                                       (self.scale, self.dropped, self.labels)))
+
+    def dropped_rows(self) -> Tensor:
+        """(B,) bool: True where the row is unconditional."""
+        if self.dropped is None:
+            return torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        return self.dropped
+
+    def unconditional(self) -> "ImageCondition":
+        """CFG's unconditional branch: a blank (zero) image, every row marked dropped; scale and labels are kept
+        (they describe the task, not the evidence)."""
+        return dataclasses.replace(self, image=torch.zeros_like(self.image),
+                                   dropped=torch.ones(len(self), dtype=torch.bool, device=self.device))
+
+
+Condition = Union[Tensor, TextCondition, ImageCondition, None]
+
+#: the kinds that carry their own unconditional counterpart (no null label needed)
+SELF_NULL_KINDS = (TextCondition, ImageCondition)
+
+
+def carries_own_null(cond: Condition) -> bool:
+    """True for conditions whose unconditional counterpart they carry themselves (prompts, images)."""
+    return isinstance(cond, SELF_NULL_KINDS)
 
 
 def condition_batch_size(cond: Condition) -> int | None:
@@ -90,10 +161,11 @@ def condition_batch_size(cond: Condition) -> int | None:
 
 def condition_labels(cond: Condition, what: str = "this method") -> Tensor:
     """The class / concept id of each condition: the labels themselves, or a TextCondition's ``labels``."""
-    if isinstance(cond, TextCondition):
+    if carries_own_null(cond):
         if cond.labels is None:
-            raise ValueError(f"{what} needs a class / concept id per prompt (TextCondition.labels): give the prompt "
-                             "file a label column (PromptDataModule label_column)")
+            raise ValueError(f"{what} needs a class / concept id per condition ({type(cond).__name__}.labels): give "
+                             "the prompt file a label column (PromptDataModule label_column), or use a restoration "
+                             "datamodule over a labelled dataset")
         return cond.labels
     if cond is None:
         raise ValueError(f"{what} needs class labels or labelled prompts in the batch, got none")
@@ -105,7 +177,7 @@ def unconditional(cond: Condition, null_label: int | None = None) -> Condition:
     embedding for prompts."""
     if cond is None:
         return None
-    if isinstance(cond, TextCondition):
+    if carries_own_null(cond):
         return cond.unconditional()
     if null_label is None:
         raise ValueError("class-label guidance needs a class-conditional teacher with num_classes (the null label)")
@@ -116,8 +188,19 @@ def concat_conditions(first: Condition, second: Condition) -> Condition:
     """Row-wise concatenation (the two branches of CFG in one batched call)."""
     if first is None and second is None:
         return None
-    if isinstance(first, TextCondition) != isinstance(second, TextCondition) or first is None or second is None:
+    if type(first) is not type(second) and (carries_own_null(first) or carries_own_null(second)) \
+            or first is None or second is None:
         raise TypeError(f"cannot concatenate conditions of kinds {type(first).__name__} and {type(second).__name__}")
+    if isinstance(first, ImageCondition):
+        values = {}
+        for field in dataclasses.fields(ImageCondition):
+            a, b = getattr(first, field.name), getattr(second, field.name)
+            if field.name == "dropped" and (a is None) != (b is None):
+                a, b = first.dropped_rows(), second.dropped_rows()  # "none dropped" is a value, not a gap
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot concatenate ImageConditions: only one has {field.name}")
+            values[field.name] = None if a is None else torch.cat([a, b.to(a.device)])
+        return ImageCondition(**values)
     if isinstance(first, TextCondition):
         values = {}
         for field in dataclasses.fields(TextCondition):
@@ -140,7 +223,7 @@ def select_conditions(cond: Condition, rows: Tensor) -> Condition:
     """The conditions of ``rows`` (an index or boolean mask)."""
     if cond is None:
         return None
-    if isinstance(cond, TextCondition):
+    if carries_own_null(cond):
         return cond.map(lambda tensor: tensor[rows])
     return cond[rows]
 
@@ -158,4 +241,8 @@ def drop_conditions(cond: Condition, drop: Tensor, null_label: int | None = None
             return torch.where(mask, dropped.to(kept.dtype), kept)
         return dataclasses.replace(cond, embeds=pick(cond.embeds, null.embeds), pooled=pick(cond.pooled, null.pooled),
                                    mask=pick(cond.mask, null.mask))
+    if isinstance(cond, ImageCondition):
+        drop = drop.to(cond.device).bool()
+        image = torch.where(drop.reshape(-1, 1, 1, 1), null.image, cond.image)
+        return dataclasses.replace(cond, image=image, dropped=cond.dropped_rows() | drop)
     return torch.where(drop.to(cond.device), null, cond)
