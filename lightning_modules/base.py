@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from .conditioning.condition import carries_own_null, unconditional
+from .conditioning.condition import TextCondition, unconditional
 from .data_regime import check_data_regime, derive_sigma_data
 from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import hybrid_sample, prior_sample, sampler_times, student_sample, teacher_sample
@@ -54,6 +54,9 @@ def _adamw(params):
 class DistillationModule(EvaluationNetworkMixin, LightningModule):
     #: methods that train a critic (fake-score network) set this
     uses_critic: bool = False
+    #: False for methods whose critic optimizer trains only the discriminator heads (LADD: heads on the frozen
+    #: teacher's features), so no critic network is made
+    uses_critic_network: bool = True
     #: methods whose generator step needs real data samples in the batch, and what for (named in the error a
     #: noise- or prompt-only datamodule gets before training)
     needs_real_data: bool = False
@@ -119,7 +122,9 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         self._check_shapes(self.student, "student")
         derive_sigma_data(self.student, getattr(teacher, "law", None))
         self.critic = None
-        if self.uses_critic:
+        if self.uses_critic and not self.uses_critic_network and critic is not None:
+            raise ValueError(f"{type(self).__name__} trains discriminator heads only; it takes no critic network")
+        if self.uses_critic and self.uses_critic_network:
             self.critic = copy.deepcopy(self.student) if critic is None else critic
             self._share_schedule(self.critic, "critic")
             self._check_shapes(self.critic, "critic")
@@ -239,9 +244,8 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         return classifier_free_guidance(self.teacher, x_t, t, cond, null, scale)
 
     def unconditional(self, cond):
-        """CFG's unconditional branch: the null label (class labels), the empty / negative prompt (prompts) or the
-        blank image (restoration)."""
-        null_label = None if carries_own_null(cond) else self._null_label()
+        """CFG's unconditional branch: the null label (class labels) or the empty / negative prompt (prompts)."""
+        null_label = None if isinstance(cond, TextCondition) else self._null_label()
         return unconditional(cond, null_label)
 
     def _null_label(self) -> int:

@@ -81,3 +81,51 @@ def non_saturating_gan_discriminator(real_logits: Tensor, fake_logits: Tensor) -
     """softplus(-D(real)) + softplus(D(fake)) per sample (DMD2 Eq. 4's discriminator term)."""
     return (F.softplus(-real_logits).reshape(real_logits.shape[0], -1).mean(1)
             + F.softplus(fake_logits).reshape(fake_logits.shape[0], -1).mean(1))
+
+
+def hinge_generator(fake_logits: Tensor) -> Tensor:
+    """-D(fake) per sample (Lim & Ye 2017, "Geometric GAN"; the generator side of LADD's hinge game, Sauer et al. 2024)."""
+    return -fake_logits.reshape(fake_logits.shape[0], -1).mean(1)
+
+
+def hinge_discriminator(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """relu(1 - D(real)) + relu(1 + D(fake)) per sample (Lim & Ye 2017; LADD's discriminator loss)."""
+    return (F.relu(1.0 - real_logits).reshape(real_logits.shape[0], -1).mean(1)
+            + F.relu(1.0 + fake_logits).reshape(fake_logits.shape[0], -1).mean(1))
+
+
+#: the adversarial losses a method can pick by name: (generator term, discriminator term), both per sample
+GAN_LOSSES = {
+    "non_saturating": (non_saturating_gan_generator, non_saturating_gan_discriminator),
+    "hinge": (hinge_generator, hinge_discriminator),
+}
+
+
+def gan_loss_pair(name: str):
+    """(generator loss, discriminator loss) of ``name`` in ``GAN_LOSSES``; a clear error for an unknown one."""
+    if name not in GAN_LOSSES:
+        raise ValueError(f"unknown gan_loss {name!r}; expected one of {sorted(GAN_LOSSES)}")
+    return GAN_LOSSES[name]
+
+
+def r1_penalty(outputs: Tensor, inputs: Tensor) -> Tensor:
+    """Per-sample R1 (Mescheder et al. 2018, "Which training methods for GANs do actually converge?", Eq. 9):
+    sum_k ||grad_x D_k(x)||^2 over the columns of ``outputs`` (B, K) -- one scalar discriminator output per head
+    (or B, a single one) -- the squared Frobenius norm of the per-sample Jacobian dD/dx. Kept differentiable
+    (create_graph), so the penalty trains the discriminator; ``inputs`` must be part of the graph of ``outputs``."""
+    if not inputs.requires_grad:
+        raise ValueError("r1_penalty needs inputs that require grad (the real samples the discriminator saw)")
+    columns = outputs.reshape(outputs.shape[0], -1)
+    total = inputs.new_zeros(inputs.shape[0])
+    for k in range(columns.shape[1]):
+        # samples are independent, so the gradient of the batch sum is each sample's own gradient
+        (gradient,) = torch.autograd.grad(columns[:, k].sum(), inputs, create_graph=True)
+        total = total + per_sample_sum(gradient ** 2)
+    return total
+
+
+def approximate_r1_penalty(outputs: Tensor, perturbed_outputs: Tensor) -> Tensor:
+    """Per-sample ||D(x) - D(x + s n)||^2, n ~ N(0, I) (approximated R1, Lin et al. 2025, "Diffusion adversarial
+    post-training for one-step video generation", arXiv:2501.08316): a finite difference that needs no second
+    derivative. For small s its mean over n is s^2 times ``r1_penalty`` (plus O(s^4) curvature terms)."""
+    return per_sample_sum((outputs - perturbed_outputs) ** 2)

@@ -96,6 +96,22 @@ class LogitNormalTime(TimeSampler):
         return self._clamp(schedule.t_min + u * (schedule.t_max - schedule.t_min), schedule).to(device)
 
 
+class FlowLogitNormalTime(TimeSampler):
+    """Rectified-flow time u = sigmoid(N(mean, std^2)) (Esser et al. 2024, SD3, Sec. 3.1) put on any schedule through
+    its noise level: x_u = (1 - u) x0 + u eps has EDM sigma u / (1 - u), mapped to native time and clamped to the
+    schedule's range. LADD draws the discriminator's noise levels so, biased to high noise with mean = 1, std = 1
+    (Sauer et al. 2024, arXiv:2403.12015, Sec. 3.2). ``LogitNormalTime`` instead spreads u over native time."""
+
+    def __init__(self, mean: float = 1.0, std: float = 1.0):
+        if not std > 0:
+            raise ValueError(f"FlowLogitNormalTime std must be > 0, got {std}")
+        self.mean, self.std = mean, std
+
+    def __call__(self, n, schedule, generator=None, device="cpu"):
+        u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
+        return self._clamp(schedule.time_from_edm_sigma(u / (1.0 - u)), schedule).to(device)
+
+
 class KarrasIndexTime(TimeSampler):
     """Uniform index n into a Karras grid of ``num_steps`` noise levels (Song et al. 2023, Alg. 2).
 
