@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from .conditioning.condition import TextCondition, unconditional
+from .conditioning.condition import carries_own_null, unconditional
 from .data_regime import check_data_regime, derive_sigma_data
 from .diffusion.guidance import classifier_free_guidance
 from .diffusion.samplers import hybrid_sample, prior_sample, sampler_times, student_sample, teacher_sample
@@ -244,8 +244,9 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         return classifier_free_guidance(self.teacher, x_t, t, cond, null, scale)
 
     def unconditional(self, cond):
-        """CFG's unconditional branch: the null label (class labels) or the empty / negative prompt (prompts)."""
-        null_label = None if isinstance(cond, TextCondition) else self._null_label()
+        """CFG's unconditional branch: the null label (class labels), the empty / negative prompt (prompts) or the
+        blank image (restoration)."""
+        null_label = None if carries_own_null(cond) else self._null_label()
         return unconditional(cond, null_label)
 
     def _null_label(self) -> int:
