@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .denoiser import Denoiser
 from .diffusers_adapter import guidance_embedding
 from .guidance_mlp import split_guidance
+from .wrapped import WrappedDenoiser
 
 
 class _GuidanceAdd(nn.Module):
@@ -49,7 +50,7 @@ def _resolve(module: nn.Module, path: str):
     return parent, names[-1]
 
 
-class GuidanceEmbeddedDenoiser(Denoiser):
+class GuidanceEmbeddedDenoiser(WrappedDenoiser):
     #: LCM draws w per sample and hands it over in the condition (``guidance_mlp.with_guidance``)
     accepts_guidance = True
 
@@ -65,30 +66,6 @@ class GuidanceEmbeddedDenoiser(Denoiser):
         self.embed = _GuidanceAdd(original, linears[-1].out_features, embedding_dim)
         setattr(parent, name, self.embed)
         self.embed_module = embed_module
-        self.num_classes = getattr(base, "num_classes", 0)
-        self.text_conditioned = getattr(base, "text_conditioned", False)
-
-    @property
-    def schedule(self):
-        return self.__dict__.get("_schedule")
-
-    @schedule.setter
-    def schedule(self, value):
-        self.__dict__["_schedule"] = value
-        base = self.__dict__.get("_modules", {}).get("base")
-        if base is not None:
-            base.schedule = value
-
-    @property
-    def data_shape(self):
-        return self.base.data_shape
-
-    @property
-    def sigma_data(self):
-        return getattr(self.base, "sigma_data", None)
-
-    def feature_module(self):
-        return self.base.feature_module()
 
     def predict(self, x_t, t, cond):
         return self.base.predict(x_t, t, cond)

@@ -15,9 +15,12 @@ from torch import Tensor, nn
 from ..diffusion.schedules import broadcast_to_data
 from .denoiser import Denoiser
 from .mlp import FourierFeatures
+from .wrapped import WrappedDenoiser
 
 
-class MeanFlowStudent(Denoiser):
+class MeanFlowStudent(WrappedDenoiser):
+    wrapped_name = "network"
+
     def __init__(self, network: Denoiser, embedding_module: str | None = None, embedding_dim: int | None = None,
                  num_features: int = 64, hidden: int = 128, scale: float = 1.0):
         super().__init__(network.schedule, prediction_type="x0")
@@ -43,40 +46,6 @@ class MeanFlowStudent(Denoiser):
         nn.init.zeros_(self.interval_embedding[-1].bias)
         self._interval = None
         module.register_forward_hook(self._add_interval)
-
-    # the wrapped network shares the schedule and the data scale the DistillationModule gives the wrapper
-    @property
-    def schedule(self):
-        return self.__dict__.get("_schedule")
-
-    @schedule.setter
-    def schedule(self, value):
-        self.__dict__["_schedule"] = value
-        if "network" in self._modules:
-            self._modules["network"].schedule = value
-
-    @property
-    def sigma_data_from_law(self):
-        return getattr(self.network, "sigma_data_from_law", False)
-
-    @property
-    def sigma_data(self):
-        return getattr(self.network, "sigma_data", 0.5)
-
-    @sigma_data.setter
-    def sigma_data(self, value):
-        self.network.sigma_data = value
-
-    @property
-    def num_classes(self):
-        return getattr(self.network, "num_classes", 0)
-
-    @property
-    def data_shape(self):
-        return self.network.data_shape
-
-    def feature_module(self):
-        return self.network.feature_module()
 
     def _add_interval(self, module, inputs, output):
         if self._interval is None:
