@@ -10,6 +10,7 @@
   -mean_i w^T E[x0 | x_i + t n_i] the gradient -w s^2/(s^2 + t^2) / B in each x_i.
 """
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +28,9 @@ from lightning_modules.methods.scm import ContinuousConsistencyDistillation
 from lightning_modules.networks import GaussianMixture, GaussianMixtureTeacher, ToyMLPDenoiser
 from lightning_modules.networks.feature_discriminator import TeacherFeatureDiscriminator, frozen_features
 from tests.helpers import independent_x0
+from tests.toy_runs import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MU = torch.tensor([0.3, -0.5], dtype=torch.float64)
 S = 0.4
@@ -312,3 +316,19 @@ def test_sana_sprint_step_adaptive_times_follow_the_step_budget_draw():
         _sana(0.5, max_time_probability=1.5)
     with pytest.raises(ValueError, match="adversarial_weight must be >= 0, got -1"):
         _sana(-1.0)
+
+
+# ------------------------------------------------------------------ MNIST configs build and train
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "assets", "mnist-teacher", "unet")),
+                    reason="the shipped MNIST teacher is missing")
+@pytest.mark.parametrize("method", ["ladd", "sana_sprint"])
+def test_mnist_config_runs_a_few_steps(method, tmp_path):
+    cli = build(f"experiments/mnist/{method}.yaml", "--trainer.max_steps=4", "--trainer.callbacks=[]",
+                "--data.init_args.batch_size=4", root=str(tmp_path))
+    module = cli.model
+    heads = [p.detach().clone() for p in module.discriminator.parameters()]
+    cli.trainer.fit(module, cli.datamodule)
+    assert module.critic is None       # the heads read the frozen teacher; no critic network
+    assert any(not torch.equal(a, b) for a, b in zip(heads, module.discriminator.parameters()))
+    samples = module.sample(torch.randn(4, 1, 28, 28), torch.arange(4), nfe=2)
+    assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
