@@ -6,6 +6,7 @@ denoiser of that marginal."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -307,3 +308,36 @@ def test_tdm_rejects_bad_input():
                                        step_budgets=[1, 2])
     with pytest.raises(ValueError, match=r"\[0\]"):
         TrajectoryDistributionMatching(teacher=teacher, student=ToyMLPDenoiser(2, hidden=8, depth=2), step_budgets=[0])
+
+
+MNIST_TEACHER = "assets/mnist-teacher/unet"
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST_TEACHER), reason="the shipped MNIST teacher is missing")
+@pytest.mark.parametrize("method", ["agd", "tdm"])
+def test_mnist_config_runs_a_few_steps(method, tmp_path):
+    """experiments/mnist/{agd,tdm}.yaml build and train a few updates; AGD's adapters sit on the shared frozen
+    teacher (a small fraction of its weights, the teacher unchanged), TDM samples at 1, 2 and 4 steps."""
+    from tests.toy_runs import build
+
+    overrides = ["--trainer.max_steps=3", "--trainer.callbacks=[]", "--data.init_args.batch_size=4"]
+    if method == "agd":
+        overrides += ["--model.init_args.trajectory_steps=3"]
+    cli = build(f"experiments/mnist/{method}.yaml", *overrides, root=str(tmp_path))
+    module = cli.model
+    teacher_before = [p.detach().clone() for p in module.teacher.parameters()]
+    cli.trainer.fit(module, cli.datamodule)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
+    noise, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
+    if method == "agd":
+        assert module.student.base_network is module.teacher
+        fraction = module.trainable_parameter_fraction()
+        print(f"AGD MNIST adapter fraction {fraction:.4f}")
+        assert 0 < fraction < 0.1
+        assert any(p.abs().max() > 0 for a in module.student.adapters.values() for p in a.up.parameters())
+        nfes = [2]
+    else:
+        nfes = [1, 2, 4]
+    for nfe in nfes:
+        samples = module.sample(noise, labels, nfe=nfe)
+        assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()

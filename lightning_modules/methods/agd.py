@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..base import DistillationModule
 from ..diffusion.samplers import ddim_step, euler_sample, prior_sample, sampler_times
+from ..networks.denoiser import Denoiser
 from ..networks.guidance_adapters import GuidanceAdapterDenoiser
 from .progressive import WEIGHTINGS, loss_weight
 
@@ -41,7 +42,7 @@ AGD_WEIGHTINGS = (*WEIGHTINGS, "snr")
 class AdapterGuidanceDistillation(DistillationModule):
     uses_critic = False
 
-    def __init__(self, teacher, student=None, *args, adapter_modules: list[str] | None = None,
+    def __init__(self, teacher: Denoiser, student: Denoiser | None = None, *args, adapter_modules: list[str] | None = None,
                  adapter_bottleneck: int = 32, guidance_range: tuple[float, float] = (1.0, 4.0),
                  sample_guidance_scale: float = 2.0, trajectory_steps: int = 16, weighting: str = "truncated_snr",
                  **kwargs):
