@@ -332,3 +332,33 @@ def test_mnist_config_runs_a_few_steps(method, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(heads, module.discriminator.parameters()))
     samples = module.sample(torch.randn(4, 1, 28, 28), torch.arange(4), nfe=2)
     assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+# ------------------------------------------------------------------ the shared loss choice in the other GAN methods
+def test_dmd2_sida_and_scott_take_the_hinge_game_by_name_and_density_ratio_methods_refuse_it():
+    from lightning_modules.losses import non_saturating_gan_discriminator
+    from lightning_modules.methods.dmd2 import DMD2
+    from lightning_modules.methods.f_distill import FDistill
+    from lightning_modules.methods.scott import SCott
+    from lightning_modules.methods.sida import SiDA
+    from lightning_modules.networks import DiscriminatorHead
+
+    def teacher():
+        return GaussianMixtureTeacher("ring8", EDMSchedule())
+
+    head = DiscriminatorHead(32)
+    default = DMD2(teacher=teacher(), student=_student(), discriminator=head, gan_generator_weight=1.0)
+    assert default.gan_discriminator_term is non_saturating_gan_discriminator      # the papers' default kept
+    for method in (DMD2(teacher=teacher(), student=_student(), discriminator=head, gan_loss="hinge"),
+                   SiDA(teacher=teacher(), student=_student(), discriminator=head, gan_loss="hinge"),
+                   SCott(teacher=teacher(), student=_student(boundary=True), discriminator=head, gan_loss="hinge")):
+        assert (method.gan_generator_term, method.gan_discriminator_term) == (hinge_generator, hinge_discriminator)
+    logits = torch.tensor([[0.5], [-3.0]])
+    sida = SiDA(teacher=teacher(), student=_student(), discriminator=head, gan_loss="hinge")
+    x_g, y_real = torch.zeros(2, 2), torch.full((2, 2), 0.5)
+    # SiDA's batch-averaged term, hinge: dim * mean(-logit) / mean-|x_g - y_real| normaliser (0.5 here)
+    torch.testing.assert_close(sida.adversarial_loss(logits, x_g, y_real), torch.tensor(2 * 1.25 / 0.5))
+    with pytest.raises(ValueError, match="'least_squares'"):
+        DMD2(teacher=teacher(), student=_student(), discriminator=head, gan_loss="least_squares")
+    with pytest.raises(ValueError, match="gan_loss must be 'non_saturating', got 'hinge'"):
+        FDistill(teacher=teacher(), student=_student(), discriminator=head, gan_loss="hinge")

@@ -209,6 +209,9 @@ class DensityRatioEstimate(nn.Module):
         if gan_critic_weight <= 0:
             raise ValueError(f"{method} trains its discriminator through gan_critic_weight, which must be > 0, "
                              f"got {gan_critic_weight}")
+        if getattr(module, "gan_loss", "non_saturating") != "non_saturating":
+            raise ValueError(f"{method} reads log r from the discriminator's logit, which only the logistic game "
+                             f"estimates: gan_loss must be 'non_saturating', got {module.gan_loss!r}")
         return cls(module.schedule, *args, **kwargs)
 
     def estimate(self, module, logits: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ Algorithm (per batch; the TwoTimeScaleUpdate callback sets how many critic updat
                 L_G = 1/2 ||x_g - sg(x_g - g)||^2 + lambda_G softplus(-D(F_feat(x_t)))
 Guidance is applied to the teacher only. Defaults follow the paper's ImageNet-64 recipe (TTUR 5:1, AdamW wd 0.01,
 clip 10); GAN weights default to 0 (data-free), the paper uses lambda_G = 3e-3, lambda_D = 1e-2 with real images.
+``gan_loss: hinge`` swaps the softplus terms for LADD's hinge pair (losses.GAN_LOSSES); the default is the paper's.
 
 Noise levels and the critic's weighting, as in the authors' release (github.com/tianweiy/DMD2), when the config sets
 none of ``generator_time_sampler``, ``critic_time_sampler``, ``critic_weighting``:
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.time_samplers import DiscreteUniformTime, KarrasRampTime, TimeSampler
-from ..losses import dmd_gradient, non_saturating_gan_generator, surrogate_for_gradient
+from ..losses import dmd_gradient, surrogate_for_gradient
 from .score_distillation import ScoreDistillationModule
 
 
@@ -87,7 +88,7 @@ class DMD2(ScoreDistillationModule):
         if self.gan_generator_weight > 0:
             # Re-noise WITH the gradient path to x_g; the critic's weights are frozen by the optimizer toggle.
             x_t_grad = self.schedule.add_noise(x_g, self.noise_like(x_g), t)
-            gan = non_saturating_gan_generator(self.discriminator_logits(x_t_grad, t, cond)).mean()
+            gan = self.gan_generator_term(self.discriminator_logits(x_t_grad, t, cond)).mean()
             losses["gan"] = gan
             loss = loss + self.gan_generator_weight * gan
         losses["loss"] = loss

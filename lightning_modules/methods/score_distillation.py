@@ -26,7 +26,7 @@ import torch
 
 from ..base import DistillationModule
 from ..diffusion.time_samplers import TimeSampler
-from ..losses import denoising_score_matching, dsm_weight, non_saturating_gan_discriminator
+from ..losses import denoising_score_matching, dsm_weight, gan_loss_pair
 from ..networks.denoiser import FeatureTap
 
 
@@ -51,8 +51,11 @@ class ScoreDistillationModule(DistillationModule):
             cls.generator_loss = _with_critic_in_eval_mode(loss)
 
     def __init__(self, *args, critic_time_sampler: TimeSampler | None = None, critic_weighting: str | None = None,
-                 **kwargs):
+                 gan_loss: str = "non_saturating", **kwargs):
         super().__init__(*args, **kwargs)
+        # the discriminator head's game (losses.GAN_LOSSES): DMD2's non-saturating one by default, or LADD's hinge
+        self.gan_loss = gan_loss
+        self.gan_generator_term, self.gan_discriminator_term = gan_loss_pair(gan_loss)
         self.critic_time_sampler = critic_time_sampler or self.default_critic_time_sampler()
         critic_weighting = critic_weighting or self.default_critic_weighting()
         dsm_weight(self.schedule, torch.ones(1), critic_weighting)  # fail early on an unknown weighting
@@ -112,7 +115,7 @@ class ScoreDistillationModule(DistillationModule):
         return self.discriminator(tap.features)
 
     def critic_loss_with_discriminator(self, batch, discriminator_weight: float):
-        """Critic DSM on sg(x_g) + weight * non-saturating GAN loss of the head, real (batch["real"]) vs generated,
+        """Critic DSM on sg(x_g) + weight * GAN loss of the head (``gan_loss``), real (batch["real"]) vs generated,
         both re-noised with the critic's time sampler; one critic pass per side serves both terms on the fake side."""
         cond = batch.get("cond")
         with torch.no_grad():
@@ -121,5 +124,5 @@ class ScoreDistillationModule(DistillationModule):
             denoising, _, _ = self.critic_denoising_loss(x_g, cond)
         real_t, t_real = self.noised(batch["real"], self.critic_time_sampler)
         real_logits = self.discriminator_logits(real_t, t_real, batch.get("real_cond"))
-        gan = non_saturating_gan_discriminator(real_logits, self.discriminator(fake_tap.features)).mean()
+        gan = self.gan_discriminator_term(real_logits, self.discriminator(fake_tap.features)).mean()
         return {"denoising": denoising.mean(), "gan": gan, "loss": denoising.mean() + discriminator_weight * gan}

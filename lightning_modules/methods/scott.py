@@ -44,7 +44,7 @@ from torch import Tensor
 from ..diffusion.samplers import heun_step
 from ..diffusion.schedules import broadcast_to_data
 from ..diffusion.time_samplers import KarrasRampTime, TimeSampler
-from ..losses import non_saturating_gan_discriminator, non_saturating_gan_generator
+from ..losses import gan_loss_pair
 from ..networks.denoiser import FeatureTap
 from .consistency import ConsistencyDistillation
 
@@ -112,7 +112,7 @@ class SCott(ConsistencyDistillation):
 
     def __init__(self, *args, eta: float = 0.2, solver: str = "heun", solver_steps: int = 1,
                  gan_generator_weight: float = 0.1, gan_critic_weight: float = 1.0,
-                 gan_time_sampler: TimeSampler | None = None, **kwargs):
+                 gan_time_sampler: TimeSampler | None = None, gan_loss: str = "non_saturating", **kwargs):
         if not eta >= 0:
             raise ValueError(f"eta (the solver's noise strength) must be >= 0, got {eta}")
         if solver not in SOLVERS:
@@ -130,6 +130,9 @@ class SCott(ConsistencyDistillation):
         self.eta, self.solver, self.solver_steps = float(eta), solver, int(solver_steps)
         self.gan_generator_weight, self.gan_critic_weight = float(gan_generator_weight), float(gan_critic_weight)
         self.gan_time_sampler = gan_time_sampler or KarrasRampTime(0.5, 1.0)
+        # the paper's non-saturating game by default, or LADD's hinge pair (losses.GAN_LOSSES)
+        self.gan_loss = gan_loss
+        self.gan_generator_term, self.gan_discriminator_term = gan_loss_pair(gan_loss)
 
     # ------------------------------------------------------------------ the stochastic teacher target
     def solver_step(self, x_a: Tensor, a: Tensor, b: Tensor, cond, noise: Tensor | None = None) -> Tensor:
@@ -160,12 +163,12 @@ class SCott(ConsistencyDistillation):
     def adversarial_generator_loss(self, x_fake: Tensor, cond) -> Tensor:
         """E softplus(-D(alpha_s x_fake + sigma_s n, s)), the gradient reaching x_fake through the re-noising."""
         x_s, s = self.renoised(x_fake)
-        return non_saturating_gan_generator(self.discriminator_logits(x_s, s, cond)).mean()
+        return self.gan_generator_term(self.discriminator_logits(x_s, s, cond)).mean()
 
     def adversarial_critic_loss(self, x_real: Tensor, real_cond, x_fake: Tensor, fake_cond) -> Tensor:
         real_s, s_real = self.renoised(x_real)
         fake_s, s_fake = self.renoised(x_fake.detach())
-        return non_saturating_gan_discriminator(self.discriminator_logits(real_s, s_real, real_cond),
+        return self.gan_discriminator_term(self.discriminator_logits(real_s, s_real, real_cond),
                                                 self.discriminator_logits(fake_s, s_fake, fake_cond)).mean()
 
     def generator_loss(self, batch):

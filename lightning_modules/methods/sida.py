@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 
-from ..losses import non_saturating_gan_generator
 from ..networks.denoiser import FeatureTap
 from .sid import SiD, sid_generator_loss, sid_normalizer
 
@@ -76,12 +75,11 @@ class SiDA(SiD):
         return {"loss": sid + self.gan_generator_weight * adversarial, "sid": sid, "gan": adversarial,
                 "finite_fraction": finite.float().mean()}
 
-    @staticmethod
-    def adversarial_loss(logits, x_g, y_real):
-        """mean_i [dim * mean_j softplus(-logit_j) / w_i]: the batch's average non-saturating generator loss, put on
-        the pixel-summed, per-sample-normalised scale of SiD's loss."""
+    def adversarial_loss(self, logits, x_g, y_real):
+        """mean_i [dim * mean_j softplus(-logit_j) / w_i]: the batch's average non-saturating generator loss (or
+        the ``gan_loss`` chosen), put on the pixel-summed, per-sample-normalised scale of SiD's loss."""
         dim = math.prod(x_g.shape[1:])
-        return dim * non_saturating_gan_generator(logits).mean() * (1.0 / sid_normalizer(x_g, y_real)).mean()
+        return dim * self.gan_generator_term(logits).mean() * (1.0 / sid_normalizer(x_g, y_real)).mean()
 
     def critic_loss(self, batch):
         return self.critic_loss_with_discriminator(batch, self.gan_critic_weight)
