@@ -133,7 +133,8 @@ def test_agd_adapters_on_a_shared_network_teacher_and_the_single_pass_sampler():
     module.generate(z, labels, nfe=3)
     assert seen == [2.0, 2.0, 2.0]
     # zero adapters: the single-pass sampler is the base's unguided sampler, CFG's at w = 1
-    assert torch.allclose(module.generate(z, labels, nfe=3), module.sample_guided_teacher(z, labels, nfe=3, guidance=1.0))
+    unguided = module.sample_guided_teacher(z, labels, nfe=3, guidance=1.0)
+    assert torch.allclose(module.generate(z, labels, nfe=3), unguided)
 
 
 def test_agd_rejects_bad_input():
@@ -169,7 +170,8 @@ def _segment_law(level, schedule):
     M = (1 - r) * A + sigma_1 * torch.eye(2, dtype=torch.float64)
     if level == 0:
         mean, cov = (1 - r) * m, M @ M.T
-        return mean, cov - sigma_1 ** 2 * torch.eye(2, dtype=torch.float64), lambda s: cov + (s ** 2 - sigma_1 ** 2) * torch.eye(2, dtype=torch.float64)
+        eye = torch.eye(2, dtype=torch.float64)
+        return mean, cov - sigma_1 ** 2 * eye, lambda s: cov + (s ** 2 - sigma_1 ** 2) * eye
     N = A @ M / sigma_1
     mean, cov = m + A @ ((1 - r) * m) / sigma_1, N @ N.T
     return mean, cov, lambda s: cov + s ** 2 * torch.eye(2, dtype=torch.float64)
@@ -218,10 +220,12 @@ def test_tdm_generator_gradient_is_the_closed_form_score_difference(level):
     beta = (sigma_t ** 2 - sigma_s ** 2).sqrt()
     x_t = (x_s.detach() + beta[:, None] * noise).requires_grad_(True)
     mean, _, q_cov = _segment_law(level, schedule)
-    log_q = torch.stack([torch.distributions.MultivariateNormal(mean, q_cov(s)).log_prob(x) for s, x in zip(sigma_t, x_t)])
+    log_q = torch.stack([torch.distributions.MultivariateNormal(mean, q_cov(s)).log_prob(x)
+                         for s, x in zip(sigma_t, x_t)])
     score_q, = torch.autograd.grad(log_q.sum(), x_t)
     score_p, = torch.autograd.grad(independent_noisy_log_prob(law, x_t, torch.ones(n), sigma_t).sum(), x_t)
-    g_expected = sigma_t[:, None] ** 2 * (score_q - score_p)  # D_F - D_T = sigma_t^2 / alpha_t (grad log q - grad log p)
+    # D_F - D_T = sigma_t^2 / alpha_t (grad log q - grad log p), alpha_t = 1
+    g_expected = sigma_t[:, None] ** 2 * (score_q - score_p)
     (0.5 * ((x0 - (x0 - g_expected).detach()) ** 2).mean(1)).mean().backward()
     student = module.student
     assert torch.allclose(student.mean.grad, m.grad, rtol=1e-6, atol=1e-10)
@@ -262,7 +266,8 @@ def test_tdm_fake_score_target_regresses_to_the_exact_segment_denoiser():
     # the weight factor (beta / sigma_t)^4 and the last segment's target
     assert torch.allclose(noised["factor"], torch.full((n,), (1 - (sigma_1 / sigma_t) ** 2) ** 2, dtype=torch.float64))
     last = module.diffuse_segment(out["x_s"][:64], None, t[:64])
-    assert torch.allclose(last["target"], out["x_s"][:64], atol=1e-12) and torch.equal(last["factor"], torch.ones(64).double())
+    assert torch.allclose(last["target"], out["x_s"][:64], atol=1e-12)
+    assert torch.equal(last["factor"], torch.ones(64).double())
     assert sigma_T > sigma_t > sigma_1  # the fixed level lies inside the first segment
 
 

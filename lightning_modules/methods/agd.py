@@ -7,7 +7,8 @@ AGD keeps the base denoiser D frozen and trains only small guidance adapters psi
 residual, zero-initialised, conditioned on w) so that ONE adapted pass D_psi(x_t, t, c, w) reproduces D_w. Training
 (their Sec. 3, "training on CFG-guided trajectories"):
   1  c ~ batch labels, z ~ N(0, I), w ~ U[w_min, w_max]                         per sample
-  2  run the base's CFG sampler: x_{t_0} = sigma(t_0) z, x_{t_{i+1}} = DDIM(x_{t_i}, D_w(x_{t_i}, t_i, c); t_i -> t_{i+1})
+  2  run the base's CFG sampler: x_{t_0} = sigma(t_0) z,
+     x_{t_{i+1}} = DDIM(x_{t_i}, D_w(x_{t_i}, t_i, c); t_i -> t_{i+1})
      on an N-level grid (``trajectory_steps``), recording every state and the guided x0 it evaluated there
   3  pick one level i ~ U{0..N-1} per trajectory:  (x_{t_i}, t_i, c, w, target D_w(x_{t_i}, t_i, c))
   4  L(psi) = lambda(t_i) ||D_psi(x_{t_i}, t_i, c, w) - D_w(x_{t_i}, t_i, c)||^2  (x0 space; lambda = max(SNR, 1) by
@@ -42,8 +43,9 @@ AGD_WEIGHTINGS = (*WEIGHTINGS, "snr")
 class AdapterGuidanceDistillation(DistillationModule):
     uses_critic = False
 
-    def __init__(self, teacher: Denoiser, student: Denoiser | None = None, *args, adapter_modules: list[str] | None = None,
-                 adapter_bottleneck: int = 32, guidance_range: tuple[float, float] = (1.0, 4.0),
+    def __init__(self, teacher: Denoiser, student: Denoiser | None = None, *args,
+                 adapter_modules: list[str] | None = None, adapter_bottleneck: int = 32,
+                 guidance_range: tuple[float, float] = (1.0, 4.0),
                  sample_guidance_scale: float = 2.0, trajectory_steps: int = 16, weighting: str = "truncated_snr",
                  **kwargs):
         low, high = (float(v) for v in guidance_range)
