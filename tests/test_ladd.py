@@ -262,6 +262,21 @@ def test_ladd_on_synthetic_data_calls_the_teachers_samples_real():
     torch.testing.assert_close(module.real_samples(cached)[0], torch.ones(16, 2))
 
 
+def test_ladd_optional_distillation_term_regresses_onto_the_teachers_sample_of_the_same_noise():
+    module = _ladd(real_data="teacher", teacher_nfe=4, distillation_weight=0.3)
+    batch = _ring_batch(16)
+    torch.manual_seed(5)
+    losses = module.generator_loss(batch)
+    target = module.sample_teacher(batch["noise"], None, nfe=4, method="heun")
+    torch.testing.assert_close(batch["pair_target"], target)           # solved once, kept for the batch's steps
+    with torch.no_grad():
+        expected = ((module.generate(batch["noise"]) - target) ** 2).mean()
+    torch.testing.assert_close(losses["distillation"].detach(), expected)
+    torch.testing.assert_close(losses["loss"], losses["adversarial"] + 0.3 * losses["distillation"])
+    with pytest.raises(ValueError, match="needs real_data: teacher"):
+        _ladd(distillation_weight=0.3)
+
+
 def test_ladd_config_errors_are_named():
     with pytest.raises(ValueError, match="'noise'"):
         _ladd(real_data="noise")
