@@ -160,10 +160,13 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         """Trained student parameters / all student parameters (a LoRA student's base counted; HiPA reports it)."""
         network = self.student
         base = getattr(network, "base_network", None)
-        trained = sum(p.numel() for p in self.generator_parameters())
+        trained_params = self.generator_parameters()
+        trained = sum(p.numel() for p in trained_params)
         total = sum(p.numel() for p in network.parameters())
         if base is not None and not getattr(network, "own_base", True):
             total += sum(p.numel() for p in base.parameters())  # the shared teacher is held outside the student
+        in_student = {id(p) for p in network.parameters()}     # trained weights beside the student (NCT's adapter)
+        total += sum(p.numel() for p in trained_params if id(p) not in in_student)
         return trained / max(total, 1)
 
     def _apply_memory_options(self, gradient_checkpointing: bool, attention_backend: str) -> None:
