@@ -5,7 +5,7 @@ Classifier-free guidance (Ho & Salimans 2022) costs two network evaluations per 
     D_w(x_t, t, c) = D(x_t, t, 0) + w (D(x_t, t, c) - D(x_t, t, 0))          (this framework's convention: w = 1 off).
 AGD keeps the base denoiser D frozen and trains only small guidance adapters psi (``networks.GuidanceAdapterDenoiser``,
 residual, zero-initialised, conditioned on w) so that ONE adapted pass D_psi(x_t, t, c, w) reproduces D_w. Training
-(their Sec. 3, "training on CFG-guided trajectories"):
+(the paper's "training on CFG-guided trajectories"):
   1  c ~ batch labels, z ~ N(0, I), w ~ U[w_min, w_max]                         per sample
   2  run the base's CFG sampler: x_{t_0} = sigma(t_0) z,
      x_{t_{i+1}} = DDIM(x_{t_i}, D_w(x_{t_i}, t_i, c); t_i -> t_{i+1})

@@ -12,20 +12,21 @@ to the teacher's marginal p_{t_{i+1}}, by data-free score distillation at noise 
   3  t in the segment (s, t_i] (Karras ramp);  x_t = (alpha_t / alpha_s) x_s + beta n,
      beta^2 = sigma_t^2 - (alpha_t sigma_s / alpha_s)^2      (forward diffusion s -> t: q_t = law(x_s) * kernel)
   4  generator: g = D_F(x_t, t, K) - D_T(x_t, t) = sigma_t^2 / alpha_t (grad log q_t - grad log p_t)(x_t),
-     L_G = 1/2 ||x0 - sg(x0 - g)||^2                  (the reference applies g to the x0 prediction: d x_t / d x0 is
+     L_G = 1/2 ||x0 - sg(x0 - g)||^2                  (the release applies g to the x0 prediction: d x_t / d x0 is
      a positive per-sample scalar (alpha_t / alpha_s)(alpha_s - sigma_s alpha_{t_i} / sigma_{t_i}), so this is the
      gradient of KL(q_t || p_t) up to a per-sample weight; ``normalize_gradient`` adds DMD's 1 / mean|x0 - D_T|)
   5  fake score F: unbiased denoising score matching on q_t. With Y = (alpha_t / alpha_s) x_s, E[Y | x_t] gives
      grad log q_t = (E[Y | x_t] - x_t) / beta^2, so an x0-space denoiser D_F with grad log q_t = (alpha_t D_F - x_t)
      / sigma_t^2 is the regression of  T = (x_t + (sigma_t^2 / beta^2)(Y - x_t)) / alpha_t   (T = x_0 at s = 0: DMD's
      DSM), weighted by lambda(t) (beta^2 / sigma_t^2)^2 so the target's noise stays bounded as t -> s.
-Sampling-steps-aware objective (Sec. 4.3): one model serves several step counts; the budget K is drawn per batch and
-fed to student and fake score (as the scalar of ``networks.GuidanceEmbeddedDenoiser``, the zero-initialised scalar
-embedding Meng et al.'s w-student uses), and the matching target of a segment depends on K through its end point s:
-for the same (x, t) a 1-step student must reach the data while a 4-step one only p_{t_1}. Budget grids are the
-framework's student grids (``evaluation_times(K)``); ``generate(nfe=K)`` samples with budget K.
-Deviation: the reference code's fake-score loss regresses the x0 prediction with a heuristic importance weight; step
-5's target is the exact one for the marginal q_t being matched (tests check it on a Gaussian student).
+Sampling-steps-aware objective (the paper's second contribution): one model serves several step counts. The budget K
+is drawn per batch and fed to student and fake score (as the scalar of ``networks.GuidanceEmbeddedDenoiser``, the
+zero-initialised scalar embedding Meng et al.'s w-student uses), and the matching target of a segment depends on K
+through its end point s: for the same (x, t) a 1-step student must reach the data while a 4-step one only p_{t_1}.
+Budget grids are the framework's student grids (``evaluation_times(K)``); ``generate(nfe=K)`` samples with budget K.
+Deviation: the authors' release (github.com/Luo-Yihong/TDM, ``train_tdm_demo.py``) regresses, in its fake-score
+loss, the x0 prediction under a heuristic importance weight; step 5's target is the exact one for the marginal q_t
+being matched (tests check it on a Gaussian student). Step 4's direction on the x0 prediction follows that release.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Guidance adapters on a frozen base denoiser (adapter guidance distillation, Jensen & Sadat 2025,
-"Efficient Distillation of Classifier-Free Guidance using Adapters", TMLR, arXiv:2503.07274, Sec. 3).
+"Efficient Distillation of Classifier-Free Guidance using Adapters", TMLR 2025, arXiv:2503.07274).
 
 ``GuidanceAdapterDenoiser(base)`` leaves every weight of ``base`` frozen and adds small residual adapters, conditioned
 on the guidance scale w, to the outputs of chosen submodules (``adapter_modules``, dotted paths):
