@@ -9,7 +9,8 @@ Per call, for clean samples x (real, or the student's outputs):
 with gan = hinge (LADD, SANA-Sprint) or non-saturating (DMD2's), and R the R1 penalty of the real side
 (Mescheder et al. 2018): ``exact`` sum_k ||grad_x D_k||^2 through a second derivative, or ``approximate``
 ||D(x_s) - D(x_s + eps n')||^2 (Lin et al. 2025, arXiv:2501.08316), a finite difference that costs one more forward
-pass and no double backward. The frozen teacher is held by the module (``module.teacher``); the heads are
+pass and no double backward (its mean is about eps^2 times the exact penalty: an exact-R1 gamma becomes
+gamma / eps^2 there). The frozen teacher is held by the module (``module.teacher``); the heads are
 ``module.discriminator`` (a ``TeacherFeatureDiscriminator``), trained by the module's critic optimizer.
 
 A module using this needs: ``teacher``, ``discriminator``, ``schedule``, ``sample_times(sampler, n)`` and
