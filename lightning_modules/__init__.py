@@ -6,5 +6,6 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       ContinuousConsistencyDistillation, MeanFlow, SCott, RewardGuidedLCD, RectifiedFlow, Reflow,
                       RectifiedFlowPP, InstaFlow, SlimFlow, LatentConsistencyModel, MultistepConsistencyModel,
                       TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel,
-                      KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT)
+                      KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT,
+                      LADD, SANASprint)
 from .teacher_training import DenoisingScoreMatching

@@ -24,6 +24,11 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "*.yam
 PAIR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "pairs", "*.yaml")))
 #: methods without a prompt-only config, and why; those served by the pair regime name their pair config
 NOT_PROMPT_ONLY = {
+    "ladd": "its discriminator heads (networks.feature_discriminator) take class labels for their projection term, "
+            "not the pooled prompt the paper conditions on, and its default real side is real images; real_data: "
+            "teacher (prompts only) is not yet wired or tested through a text-conditioned latent teacher",
+    "sana_sprint": "sCD's TrigFlow map rides on an EDM-preconditioned student (see scd) and its x_t are noised real "
+                   "images; the LADD half's heads take class labels, not prompts (see ladd)",
     "cd": "its targets start from noised real samples (the pair regime has them), but its student needs the boundary "
           "condition f(x, t_min) = x, which has no parametrization for an epsilon-prediction diffusers UNet here "
           "(boundary_condition is EDM-only; no LCM-style c_skip / c_out in training): the consistency-family issue, "

@@ -10,6 +10,7 @@ from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
 from .ict import ImprovedConsistencyTraining
 from .knowledge_distillation import KnowledgeDistillation
+from .ladd import LADD
 from .lcm import LatentConsistencyModel
 from .meanflow import MeanFlow
 from .multistep_cd import (MultistepConsistencyDistillation, MultistepConsistencyModel,
@@ -18,6 +19,7 @@ from .msd import MSD
 from .progressive import GuidanceDistillation, ProgressiveDistillation
 from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
 from .rg_lcd import RewardGuidedLCD
+from .sana_sprint import SANASprint
 from .scm import ContinuousConsistencyDistillation, ContinuousConsistencyTraining
 from .scott import SCott
 from .sfd import SFD
@@ -42,4 +44,5 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "lcm": LatentConsistencyModel, "mcd": MultistepConsistencyModel,
            "tscd": TrajectorySegmentedConsistencyDistillation, "tcm": TruncatedConsistencyModel,
            "kd": KnowledgeDistillation, "pd": ProgressiveDistillation, "guidance_distill": GuidanceDistillation,
-           "boot": BOOT}
+           "boot": BOOT,
+           "ladd": LADD, "sana_sprint": SANASprint}
