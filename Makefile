@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install test test-all demo demo-t2i demo-toy teacher teacher-t2i classifier bench bench-toy bench-mnist \
-	bench-t2i tensorboard clean \
+	bench-t2i bench-lora tensorboard clean \
 	gpu-check slurm-test
 
 $(STAMP): setup.cfg pyproject.toml
@@ -78,7 +78,11 @@ bench-mnist: $(STAMP)
 bench-t2i: $(STAMP)
 	$(PY) benchmarks/t2i.py --output bench-results $(BENCH_ARGS)
 
-bench: bench-toy bench-mnist bench-t2i
+## LoRA vs full students of the MNIST teacher (dmd2, sid, cd, kd): state and saved-activation bytes, side by side
+bench-lora: $(STAMP)
+	$(PY) benchmarks/lora_memory.py --output bench-results $(BENCH_ARGS)
+
+bench: bench-toy bench-mnist bench-t2i bench-lora
 
 ## GPU check, not part of CI (needs one CUDA GPU; < 5 min on an H100): DMD2 + consistency distillation on a
 ## CIFAR-sized diffusers UNet in bf16 -> it/s, peak memory, overhead ratio; non-zero exit on any failure.

@@ -7,5 +7,5 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       RectifiedFlowPP, InstaFlow, SlimFlow, LatentConsistencyModel, MultistepConsistencyModel,
                       TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel,
                       KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT,
-                      LADD, SANASprint)
+                      LADD, SANASprint, HiPA, PairwiseSampleOptimization, NoiseConsistencyTraining)
 from .teacher_training import DenoisingScoreMatching

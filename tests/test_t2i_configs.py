@@ -24,6 +24,13 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "*.yam
 PAIR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "pairs", "*.yaml")))
 #: methods without a prompt-only config, and why; those served by the pair regime name their pair config
 NOT_PROMPT_ONLY = {
+    "hipa": "its high-frequency term and KD's teacher pairs are wired for pixel / toy data; a prompt-only config on "
+            "the latent teacher (pairs from the guided teacher ODE, the term on latents or decoded images) is not yet "
+            "written or tested",
+    "pso": "its online pairs would take rewards.CLIPReward on prompts, but no prompt-only config is written or tested "
+           "yet",
+    "nct": "its control models read class labels (mixture component, MNIST classifier); a text-conditioned generator "
+           "with a new image control is not yet wired",
     "ladd": "its discriminator heads (networks.feature_discriminator) take class labels for their projection term, "
             "not the pooled prompt the paper conditions on, and its default real side is real images; real_data: "
             "teacher (prompts only) is not yet wired or tested through a text-conditioned latent teacher",

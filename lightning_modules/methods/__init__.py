@@ -8,6 +8,7 @@ from .dmd import DMD
 from .dmd2 import DMD2
 from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
+from .hipa import HiPA
 from .ict import ImprovedConsistencyTraining
 from .knowledge_distillation import KnowledgeDistillation
 from .ladd import LADD
@@ -16,7 +17,9 @@ from .meanflow import MeanFlow
 from .multistep_cd import (MultistepConsistencyDistillation, MultistepConsistencyModel,
                            TrajectorySegmentedConsistencyDistillation)
 from .msd import MSD
+from .nct import NoiseConsistencyTraining
 from .progressive import GuidanceDistillation, ProgressiveDistillation
+from .pso import PairwiseSampleOptimization
 from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
 from .rg_lcd import RewardGuidedLCD
 from .sana_sprint import SANASprint
@@ -45,4 +48,5 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "tscd": TrajectorySegmentedConsistencyDistillation, "tcm": TruncatedConsistencyModel,
            "kd": KnowledgeDistillation, "pd": ProgressiveDistillation, "guidance_distill": GuidanceDistillation,
            "boot": BOOT,
-           "ladd": LADD, "sana_sprint": SANASprint}
+           "ladd": LADD, "sana_sprint": SANASprint,
+           "hipa": HiPA, "pso": PairwiseSampleOptimization, "nct": NoiseConsistencyTraining}
