@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 
 from lightning_modules.conditioning.condition import ImageCondition
 from lightning_modules.diffusion import EDMSchedule
-from lightning_modules.diffusion.samplers import heun_step, sampler_times, teacher_sample
+from lightning_modules.diffusion.samplers import sampler_times, teacher_sample
 from lightning_modules.evaluation.restoration_metrics import psnr_per_image
 from lightning_modules.methods.instarevive import InstaRevive
 from lightning_modules.methods.oftsr import OFTSR, chord_endpoint, chord_point, karras_ramp_times

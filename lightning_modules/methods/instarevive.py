@@ -32,6 +32,7 @@ import torch
 from ..diffusion.time_samplers import KarrasRampTime
 from ..losses import per_sample_mean
 from .dmd2 import DMD2
+from .oftsr import karras_ramp_times
 
 SCOPE_CONTROLS = ("schedule", "discrepancy")
 
@@ -74,9 +75,8 @@ class InstaRevive(DMD2):
 
     def ramp_sigma(self, u: float) -> float:
         """EDM sigma at Karras-ramp position u (0: sigma_max, 1: sigma_min)."""
-        s_min, s_max = self._sigma_range()
-        r = self.scope_rho
-        return (s_max ** (1 / r) + u * (s_min ** (1 / r) - s_max ** (1 / r))) ** r
+        t = karras_ramp_times(self.schedule, torch.tensor([float(u)], dtype=torch.float64), self.scope_rho)
+        return float(self.schedule.edm_sigma(t)[0])
 
     def ramp_position(self, sigma: float) -> float:
         """Inverse of ``ramp_sigma``."""

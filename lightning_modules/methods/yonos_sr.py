@@ -98,7 +98,8 @@ class YONOSSR(DistillationModule):
     def stage(self, step: int | None = None) -> int:
         """0-based stage at a generator step: scale-distillation stages 0..S-1, then S = the one-step fine-tune."""
         step = int(self.generator_steps) if step is None else step
-        return min(step // self.scale_steps, self.num_scale_stages if self.one_step_steps else self.num_scale_stages - 1)
+        last = self.num_scale_stages if self.one_step_steps else self.num_scale_stages - 1
+        return min(step // self.scale_steps, last)
 
     def stage_teacher(self, stage: int):
         """(teacher network, its factor) of scale stage ``stage``."""
