@@ -7,5 +7,6 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       RectifiedFlowPP, InstaFlow, SlimFlow, LatentConsistencyModel, MultistepConsistencyModel,
                       TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel,
                       KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT,
-                      LADD, SANASprint, HiPA, PairwiseSampleOptimization, NoiseConsistencyTraining)
+                      LADD, SANASprint, HiPA, PairwiseSampleOptimization, NoiseConsistencyTraining,
+                      AdapterGuidanceDistillation, TrajectoryDistributionMatching)
 from .teacher_training import DenoisingScoreMatching

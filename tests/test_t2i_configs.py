@@ -24,6 +24,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "*.yam
 PAIR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "pairs", "*.yaml")))
 #: methods without a prompt-only config, and why; those served by the pair regime name their pair config
 NOT_PROMPT_ONLY = {
+    "agd": "data-free and prompt-capable (the paper distils SD2.1 / SDXL), but it trains no critic, which this "
+           "prompt-only step test steps, and its adapters on the UNet2DConditionModel teacher are not configured yet",
     "hipa": "its high-frequency term and KD's teacher pairs are wired for pixel / toy data; a prompt-only config on "
             "the latent teacher (pairs from the guided teacher ODE, the term on latents or decoded images) is not yet "
             "written or tested",

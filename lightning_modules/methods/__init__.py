@@ -1,4 +1,5 @@
 """Distillation methods: each file is one paper's algorithm box on the shared DistillationModule."""
+from .agd import AdapterGuidanceDistillation
 from .boot import BOOT
 from .consistency import ConsistencyDistillation
 from .consistency_family import ConsistencyTraining, TeacherFreeConsistency
@@ -31,6 +32,7 @@ from .sida import SiDA
 from .sim import SIM
 from .slimflow import SlimFlow
 from .snoopi import SNOOPI
+from .tdm import TrajectoryDistributionMatching
 from .tcm import TruncatedConsistencyModel
 from .uni_instruct import UniInstruct
 from .vsd import VSD
@@ -49,4 +51,5 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "kd": KnowledgeDistillation, "pd": ProgressiveDistillation, "guidance_distill": GuidanceDistillation,
            "boot": BOOT,
            "ladd": LADD, "sana_sprint": SANASprint,
-           "hipa": HiPA, "pso": PairwiseSampleOptimization, "nct": NoiseConsistencyTraining}
+           "hipa": HiPA, "pso": PairwiseSampleOptimization, "nct": NoiseConsistencyTraining,
+           "agd": AdapterGuidanceDistillation, "tdm": TrajectoryDistributionMatching}
