@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
+from .wrapped import WrappedDenoiser
 from .diffusers_adapter import DiffusersUNetDenoiser, guidance_embedding
 
 
@@ -70,7 +71,9 @@ def _output_features(module: nn.Module, path: str) -> int:
     return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
-class GuidanceAdapterDenoiser(Denoiser):
+class GuidanceAdapterDenoiser(WrappedDenoiser):
+    overwrite_wrapped_schedule = False  # the base may be the shared teacher
+
     def __init__(self, base: Denoiser, adapter_modules: Sequence[str] | None = None, bottleneck: int = 32,
                  embedding_dim: int = 64, own_base: bool = True):
         if bottleneck < 1 or embedding_dim < 2:
@@ -101,36 +104,9 @@ class GuidanceAdapterDenoiser(Denoiser):
     def base_network(self) -> Denoiser:
         return self.base if self.own_base else self.__dict__["_shared_base"]
 
-    @property
-    def schedule(self):
-        return self.__dict__.get("_schedule")
-
-    @schedule.setter
-    def schedule(self, value):
-        self.__dict__["_schedule"] = value
+    def wrapped_denoiser(self) -> Denoiser | None:
         base = self.__dict__.get("_modules", {}).get("base")
-        base = self.__dict__.get("_shared_base") if base is None else base
-        if base is not None and value is not None and base.schedule is None:
-            base.schedule = value
-
-    @property
-    def num_classes(self) -> int:
-        return getattr(self.base_network, "num_classes", 0)
-
-    @property
-    def text_conditioned(self) -> bool:
-        return bool(getattr(self.base_network, "text_conditioned", False))
-
-    @property
-    def data_shape(self):
-        return self.base_network.data_shape
-
-    @property
-    def sigma_data(self):
-        return getattr(self.base_network, "sigma_data", None)
-
-    def feature_module(self):
-        return self.base_network.feature_module()
+        return self.__dict__.get("_shared_base") if base is None else base
 
     def adapter_parameter_count(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())

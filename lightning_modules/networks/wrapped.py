@@ -15,6 +15,8 @@ from .denoiser import Denoiser
 class WrappedDenoiser(Denoiser):
     #: the attribute under which the wrapper registers the Denoiser it wraps
     wrapped_name: str = "base"
+    #: False where the wrapped network may be the shared teacher, whose own schedule must then stand
+    overwrite_wrapped_schedule: bool = True
 
     def wrapped_denoiser(self) -> Denoiser | None:
         return self.__dict__.get("_modules", {}).get(self.wrapped_name)
@@ -27,7 +29,7 @@ class WrappedDenoiser(Denoiser):
     def schedule(self, value):
         self.__dict__["_schedule"] = value
         inner = self.wrapped_denoiser()
-        if inner is not None and value is not None:
+        if inner is not None and value is not None and (self.overwrite_wrapped_schedule or inner.schedule is None):
             inner.schedule = value
 
     @property
