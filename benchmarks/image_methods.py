@@ -101,8 +101,17 @@ def run_method(method: str, args) -> dict:
     overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
                  "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", "--trainer.max_steps=-1",
                  "--trainer.max_epochs=1000", f"--seed_everything={args.seed}"]
-    cli = cli_main(["-c", os.path.join(CONFIGS, f"{method}.yaml"), *overrides], run=False)
+    import yaml
+
+    from benchmarks.budget import scale_stage_lengths
+
+    config = os.path.join(CONFIGS, f"{method}.yaml")
+    cli = cli_main(["-c", config, *overrides], run=False)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    with open(config) as handle:
+        config_steps = (yaml.safe_load(handle).get("trainer") or {}).get("max_steps") or -1
+    if config_steps > 0:  # staged methods count max_steps in generator updates (no critic)
+        scale_stage_lengths(module, args.generator_updates / config_steps)
     # drop checkpoint / in-loop FID callbacks: the benchmark scores once at the end with its own protocol
     trainer.callbacks[:] = [c for c in trainer.callbacks
                             if type(c).__name__ not in ("ModelCheckpoint", "FIDCallback", "SampleImages")]

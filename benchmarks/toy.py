@@ -72,15 +72,6 @@ def evaluate(sample_fn, law, nfes, num_samples, num_floor_sets, seed=4321, targe
     return records
 
 
-def scale_stage_lengths(module, factor: float) -> None:
-    """A shortened run shortens a staged method's stages alike (PD's steps_per_stage, TCM's stage1_steps, InstaFlow's
-    reflow_steps, ...: the attributes its class lists in ``stage_lengths``), so every stage still runs."""
-    for name in getattr(type(module), "stage_lengths", ()):
-        value = getattr(module, name)
-        if value:
-            setattr(module, name, max(1, round(value * factor)))
-
-
 def run_method(dataset, method, args):
     """Worker: train one config and evaluate its student at every NFE."""
     import torch
@@ -93,6 +84,8 @@ def run_method(dataset, method, args):
                  "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0"]
     cli = main(["-c", config, *overrides], run=False)
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    from benchmarks.budget import scale_stage_lengths
+
     batches = max(50, int(datamodule.batches_per_epoch * args.scale))
     scale_stage_lengths(module, batches / datamodule.batches_per_epoch)
     datamodule.batches_per_epoch = batches

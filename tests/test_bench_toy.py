@@ -1,7 +1,6 @@
-"""benchmarks/toy.py: a run shortened by --scale shortens a staged method's stages alike, so the benchmark row of
+"""benchmarks/budget.py (toy.py --scale, image_methods.py --generator-updates): a run shortened by --scale shortens a staged method's stages alike, so the benchmark row of
 TCM / InstaFlow / PD / ... measures all its stages (before this, at --scale 0.375 TCM's stage 2 and InstaFlow's
 distillation never started and their rows equalled CD's / reflow's)."""
-import importlib.util
 import os
 
 import pytest
@@ -10,10 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_toy", os.path.join(ROOT, "benchmarks", "toy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import benchmarks.budget
+    return benchmarks.budget
 
 
 @pytest.mark.parametrize("method, lengths", [
