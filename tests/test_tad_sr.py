@@ -115,7 +115,8 @@ TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                     reason="the MNIST SR teacher is not exported (python scripts/make_sr_teacher.py)")
 def test_tad_sr_raises_one_step_psnr_on_mnist_x4():
     """A fresh (untrained) small one-step student distilled from the shipped SR teacher for 60 updates: its one-step
-    x4 PSNR on 64 test images rises by more than MEASURED_GAIN_FLOOR dB (measured: see below)."""
+    x4 PSNR on 64 test images rises by more than MEASURED_GAIN_FLOOR dB (measured with the shipped teacher:
+    6.26 -> 16.08 dB; 6.26 -> 15.44 with an earlier 250-step teacher)."""
     from lightning.pytorch import Trainer
 
     from datamodules.images import MNISTDataModule
