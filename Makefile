@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all demo demo-t2i demo-toy teacher teacher-t2i classifier bench bench-toy bench-mnist \
+.PHONY: install test test-all demo demo-t2i demo-toy teacher teacher-t2i teacher-sr classifier bench bench-toy bench-mnist \
 	bench-t2i bench-lora tensorboard clean \
 	gpu-check slurm-test
 
@@ -60,6 +60,11 @@ teacher: $(STAMP)
 ## assets/mnist-t2i with its card (about 50 minutes of training on 2 CPU cores, then the card's NFE sweep)
 teacher-t2i: $(STAMP)
 	$(PY) scripts/make_t2i_teacher.py $(TEACHER_ARGS)
+
+## retrain the image-conditioned MNIST super-resolution teacher (x2 and x4, one network) into assets/mnist-sr-teacher
+## with its card (PSNR / SSIM / FID at 1..64 Heun steps on 1000 test images; docs/restoration.md)
+teacher-sr: $(STAMP)
+	$(PY) scripts/make_sr_teacher.py $(TEACHER_ARGS)
 
 ## (re)train the fast FID feature network (the shipped one: assets/mnist-classifier)
 classifier: $(STAMP)

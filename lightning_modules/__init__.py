@@ -8,5 +8,6 @@ from .methods import (METHODS, ConsistencyDistillation, EasyConsistencyTuning, I
                       TrajectorySegmentedConsistencyDistillation, TruncatedConsistencyModel,
                       KnowledgeDistillation, ProgressiveDistillation, GuidanceDistillation, BOOT,
                       LADD, SANASprint, HiPA, PairwiseSampleOptimization, NoiseConsistencyTraining,
-                      AdapterGuidanceDistillation, TrajectoryDistributionMatching)
+                      AdapterGuidanceDistillation, TrajectoryDistributionMatching,
+                      TADSR, OFTSR, YONOSSR, InstaRevive)
 from .teacher_training import DenoisingScoreMatching

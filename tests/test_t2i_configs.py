@@ -24,6 +24,13 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "*.yam
 PAIR_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "mnist_t2i", "pairs", "*.yaml")))
 #: methods without a prompt-only config, and why; those served by the pair regime name their pair config
 NOT_PROMPT_ONLY = {
+    "tad_sr": "restoration: conditioned on a low-quality image (ImageCondition), not on prompts",
+    "oftsr": "a restoration student: its condition is the LQ image (ImageCondition), not a prompt; configs in "
+             "experiments/mnist_sr and the toy suite",
+    "yonos_sr": "scale distillation needs HQ images and their LQ versions at two factors (the restoration regime, "
+                "experiments/mnist_sr); there is no prompt-only form",
+    "instarevive": "its condition is the LQ image of the restoration regime (experiments/mnist_sr); the paper's "
+                   "captions would be a second, text condition, not wired here",
     "agd": "data-free and prompt-capable (the paper distils SD2.1 / SDXL), but it trains no critic, which this "
            "prompt-only step test steps, and its adapters on the UNet2DConditionModel teacher are not configured yet",
     "hipa": "its high-frequency term and KD's teacher pairs are wired for pixel / toy data; a prompt-only config on "

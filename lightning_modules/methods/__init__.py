@@ -10,6 +10,7 @@ from .dmd2 import DMD2
 from .ect import EasyConsistencyTuning
 from .f_distill import FDistill
 from .hipa import HiPA
+from .instarevive import InstaRevive
 from .ict import ImprovedConsistencyTraining
 from .knowledge_distillation import KnowledgeDistillation
 from .ladd import LADD
@@ -19,6 +20,7 @@ from .multistep_cd import (MultistepConsistencyDistillation, MultistepConsistenc
                            TrajectorySegmentedConsistencyDistillation)
 from .msd import MSD
 from .nct import NoiseConsistencyTraining
+from .oftsr import OFTSR
 from .progressive import GuidanceDistillation, ProgressiveDistillation
 from .pso import PairwiseSampleOptimization
 from .rectified_flow import InstaFlow, RectifiedFlow, RectifiedFlowPP, Reflow
@@ -31,11 +33,13 @@ from .sid import SiD
 from .sida import SiDA
 from .sim import SIM
 from .slimflow import SlimFlow
+from .tad_sr import TADSR
 from .snoopi import SNOOPI
 from .tdm import TrajectoryDistributionMatching
 from .tcm import TruncatedConsistencyModel
 from .uni_instruct import UniInstruct
 from .vsd import VSD
+from .yonos_sr import YONOSSR
 
 METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, "diff_instruct": DiffInstruct,
            "disback": DisBack, "sim": SIM, "sida": SiDA,
@@ -52,4 +56,5 @@ METHODS = {"dmd2": DMD2, "sid": SiD, "cd": ConsistencyDistillation, "dmd": DMD, 
            "boot": BOOT,
            "ladd": LADD, "sana_sprint": SANASprint,
            "hipa": HiPA, "pso": PairwiseSampleOptimization, "nct": NoiseConsistencyTraining,
-           "agd": AdapterGuidanceDistillation, "tdm": TrajectoryDistributionMatching}
+           "agd": AdapterGuidanceDistillation, "tdm": TrajectoryDistributionMatching,
+           "tad_sr": TADSR, "oftsr": OFTSR, "yonos_sr": YONOSSR, "instarevive": InstaRevive}
