@@ -129,13 +129,18 @@ def run_method(method: str, args) -> dict:
     samples, speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
     fid = score(samples, reference, reference_key, [EXTRACTOR])[EXTRACTOR]
     fid_by_nfe = {1: fid["fid"]}
-    for nfe in sorted(set(args.nfe) - {1}):  # the same noise and labels through the student's K-step sampler
-        few_step, _ = timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)
-        fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
+    inception_by_nfe = {}
+    for nfe in sorted(set(args.nfe) | set(args.inception_nfe)):  # the same noise and labels, K-step sampler
+        few_step = samples if nfe == 1 else timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)[0]
+        if nfe in args.nfe and nfe != 1:
+            fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
+        if nfe in args.inception_nfe:  # the standard (slow on CPU) FID network, where a target is stated in it
+            inception_by_nfe[nfe] = score(few_step, reference, reference_key, ["inception"])["inception"]["fid"]
     record = {"method": method, "generator_updates": stopper.updates, "optimizer_steps": trainer.global_step,
               "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, stopper.updates),
               "images_per_second": speed, "peak_memory_mb": peak_memory_mb(), "fid": fid["fid"],
               "fid_by_nfe": {str(n): v for n, v in sorted(fid_by_nfe.items())}, "metrics": fid,
+              "inception_fid_by_nfe": {str(n): v for n, v in sorted(inception_by_nfe.items())},
               "networks": network_sizes(module),
               "optimizer_state_mb": {name: optimizer_state_mb(module._optimizer(name).optimizer)
                                      for name in (["generator", "critic"] if module.uses_critic else ["generator"])}}
@@ -175,6 +180,8 @@ def launch(method: str, args, scratch: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--worker-output", out,
                "--generator-updates", str(args.generator_updates), "--num-samples", str(args.num_samples),
                "--seed", str(args.seed), "--seed-eval", str(args.seed_eval), "--nfe", *map(str, args.nfe)]
+    if args.inception_nfe:
+        command += ["--inception-nfe", *map(str, args.inception_nfe)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -240,6 +247,8 @@ def main():
     parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4],
                         help="student step counts scored (1 always; the family's few-step rows)")
+    parser.add_argument("--inception-nfe", type=int, nargs="*", default=[],
+                        help="student steps at which to add Inception-v3 FID (slow on CPU; e.g. 4 32)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other methods' records of an existing mnist.json and replace only these")
