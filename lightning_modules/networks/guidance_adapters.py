@@ -18,7 +18,6 @@ Submodules returning tuples (diffusers down / up blocks) get the adapter on thei
 """
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Sequence
 
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
-from .wrapped import WrappedDenoiser
+from .wrapped import WrappedDenoiser, deepcopy_sharing_base
 from .diffusers_adapter import DiffusersUNetDenoiser, guidance_embedding
 
 
@@ -125,15 +124,7 @@ class GuidanceAdapterDenoiser(WrappedDenoiser):
 
     def __deepcopy__(self, memo):
         """A copy (the EMA average) with its own adapters on the SAME shared base: the frozen teacher is not cloned."""
-        if not self.own_base:
-            base = self.__dict__["_shared_base"]
-            for shared in [base, *base.modules(), *base.parameters(), *base.buffers()]:
-                memo.setdefault(id(shared), shared)
-        duplicate = type(self).__new__(type(self))
-        memo[id(self)] = duplicate
-        for key, value in self.__dict__.items():
-            duplicate.__dict__[key] = copy.deepcopy(value, memo)
-        return duplicate
+        return deepcopy_sharing_base(self, memo)
 
     # ------------------------------------------------------------------ forward
     def predict(self, x_t: Tensor, t: Tensor, cond) -> Tensor:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser
+from .wrapped import deepcopy_sharing_base
 
 #: the peft adapter name; it shows up in the state-dict keys (``lora_A.critic.weight``)
 ADAPTER_NAME = "critic"
@@ -136,17 +137,7 @@ class LoRACritic(Denoiser):
         starts as the student, ``AveragedModel``'s EMA copy) must not clone the frozen teacher -- a hidden,
         unregistered second teacher that ``.to()`` would not move. The base, its submodules, parameters and buffers
         are pre-seeded in ``memo``, so the adapters' ``base_layer`` references stay the teacher's own layers."""
-        import copy
-
-        if not self.own_base:
-            base = self.__dict__["_shared_base"]
-            for shared in [base, *base.modules(), *base.parameters(), *base.buffers()]:
-                memo.setdefault(id(shared), shared)
-        duplicate = type(self).__new__(type(self))
-        memo[id(self)] = duplicate
-        for key, value in self.__dict__.items():
-            duplicate.__dict__[key] = copy.deepcopy(value, memo)
-        return duplicate
+        return deepcopy_sharing_base(self, memo)
 
     # ------------------------------------------------------------------ forward with the adapters attached
     @contextlib.contextmanager

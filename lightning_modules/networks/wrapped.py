@@ -7,6 +7,8 @@ features a discriminator reads). That delegation lives here once; a wrapper name
 """
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .denoiser import Denoiser
@@ -58,3 +60,19 @@ class WrappedDenoiser(Denoiser):
 
     def feature_module(self) -> nn.Module | None:
         return self.wrapped_denoiser().feature_module()
+
+
+def deepcopy_sharing_base(network: nn.Module, memo: dict) -> nn.Module:
+    """``__deepcopy__`` of a network that holds a frozen base it does not own (``own_base`` False, the base in
+    ``__dict__["_shared_base"]``, outside nn.Module's registry): the copy -- an EMA average, a critic that starts as
+    the student -- gets its own trainable parts on the SAME base. The base, its submodules, parameters and buffers are
+    pre-seeded in ``memo``, so no hidden second teacher (which ``.to()`` would not move) is made."""
+    if not network.own_base:
+        base = network.__dict__["_shared_base"]
+        for shared in [base, *base.modules(), *base.parameters(), *base.buffers()]:
+            memo.setdefault(id(shared), shared)
+    duplicate = type(network).__new__(type(network))
+    memo[id(network)] = duplicate
+    for key, value in network.__dict__.items():
+        duplicate.__dict__[key] = copy.deepcopy(value, memo)
+    return duplicate
