@@ -100,3 +100,19 @@ def state_difference(a, b, path="") -> float:
         return max([state_difference(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))], default=0.0)
     assert a == b, (path, a, b)
     return 0.0
+
+
+_PORTS_GIVEN: set[int] = set()
+
+
+def own_port() -> int:
+    """A free TCP port not handed to another run of this session: multi-process runs started side by side (and
+    next to another test worker's) must not meet at one rendezvous port, where ranks of two runs join one group."""
+    import socket
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import own_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fit_and_dump.py")
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -14,7 +16,7 @@ QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--tra
 
 
 def run(out_dir, *args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MASTER_PORT=str(own_port()))
     result = subprocess.run([sys.executable, SCRIPT, str(out_dir), *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -25,6 +27,23 @@ def assert_same_tensors(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].double(), b[key].double(), atol=atol, rtol=0), key
+
+
+def fit_straight_and_resumed(tmp_path, config):
+    """(uninterrupted 2-epoch fit, its state after epoch 0, a fit resumed from that state) as rank-0 state dumps.
+    The uninterrupted fit keeps its end-of-epoch-0 checkpoint; resuming from it is the run "stopped after one epoch"
+    (a separate 1-epoch fit would write the same checkpoint at the cost of one more process start-up)."""
+    checkpoints = tmp_path / "ckpt"
+    checkpoint_callback = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                           f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks.save_top_k=-1"]
+    run(tmp_path / "straight", *config, "--trainer.max_epochs=2", *checkpoint_callback)
+    (first_epoch,) = checkpoints.glob("epoch=0-*.ckpt")
+    run(tmp_path / "resumed", "--ckpt_path", str(first_epoch), *config, "--trainer.max_epochs=2",
+        "--trainer.enable_checkpointing=false")
+    straight = torch.load(tmp_path / "straight" / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
+    first = torch.load(first_epoch, weights_only=False, map_location="cpu")
+    return straight, {"global_step": first["global_step"], "module": first["state_dict"]}, resumed
 
 
 def test_two_process_ddp_dmd2_keeps_ranks_identical(tmp_path):
@@ -43,17 +62,7 @@ def test_two_process_ddp_dmd2_keeps_ranks_identical(tmp_path):
 @pytest.mark.parametrize("method", ["dmd2", "cd"])
 def test_resume_from_checkpoint_matches_uninterrupted_fit(method, tmp_path):
     config = ["-c", f"experiments/toy/ring8/{method}.yaml", *QUIET, "--data.init_args.batches_per_epoch=7"]
-    run(tmp_path / "straight", *config, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false")
-    checkpoints = tmp_path / "ckpt"
-    checkpoint_callback = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                           f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks.save_last=true"]
-    run(tmp_path / "first", *config, "--trainer.max_epochs=1", *checkpoint_callback)
-    assert (checkpoints / "last.ckpt").exists()
-    run(tmp_path / "resumed", "--ckpt_path", str(checkpoints / "last.ckpt"), *config, "--trainer.max_epochs=2",
-        "--trainer.enable_checkpointing=false")
-    straight = torch.load(tmp_path / "straight" / "rank0.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)
-    first = torch.load(tmp_path / "first" / "rank0.pt", weights_only=False)
+    straight, first, resumed = fit_straight_and_resumed(tmp_path, config)
     assert resumed["global_step"] == straight["global_step"] > first["global_step"]
     assert_same_tensors(straight["module"], resumed["module"], atol=1e-6)
     assert straight["callbacks"] == {} or straight["callbacks"].keys() == resumed["callbacks"].keys()

@@ -23,7 +23,7 @@ def one_step_fid(module, datamodule, n=300):
 
 @pytest.mark.skipif(not os.path.isdir(TEACHER), reason="the shipped MNIST teacher is missing (make teacher)")
 def test_dmd2_fit_on_mnist_improves_one_step_fid(tmp_path):
-    cli = main(["-c", "experiments/mnist/dmd2.yaml", *QUIET, "--trainer.max_steps=240",
+    cli = main(["-c", "experiments/mnist/dmd2.yaml", *QUIET, "--trainer.max_steps=160",
                 "--trainer.callbacks=[]", "--trainer.default_root_dir", str(tmp_path)], run=False)
     module, datamodule = cli.model, cli.datamodule
     before = one_step_fid(module, datamodule)  # the student starts as the teacher: one step gives blurred means

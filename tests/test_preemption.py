@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_modules.checkpoint_io import TEMP_PREFIX, AtomicCheckpointIO, CorruptCheckpointError
-from tests.helpers import state_difference
+from tests.helpers import own_port, state_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,26 +26,10 @@ def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra)
 
 
-_PORTS_GIVEN: set[int] = set()
-
-
-def _own_port() -> int:
-    """A free TCP port not handed to another run of this session: multi-process runs started side by side (and
-    next to another test worker's) must not meet at one rendezvous port, where ranks of two runs join one group."""
-    import socket
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
-
-
 def _distill(out: Path, config: str, *args: str, **env) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     if any(a.startswith("--trainer.devices=") and a != "--trainer.devices=1" for a in args):
-        env.setdefault("MASTER_PORT", str(_own_port()))
+        env.setdefault("MASTER_PORT", str(own_port()))
     log = open(out / "log.txt", "a")
     # the console script (not python -c): Lightning's DDP/FSDP launcher re-runs sys.argv for the other ranks
     command = [str(Path(sys.executable).parent / "distill"), "fit", "-c", config, f"--trainer.default_root_dir={out}",

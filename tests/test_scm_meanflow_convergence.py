@@ -10,9 +10,9 @@ from tests.toy_runs import fit_and_measure
 
 CASES = {
     # method: (batches, required improvement factor of sliced W2, overrides)
-    "sct": (1500, 1.4, []),        # measured, one seed: 0.692 -> 0.425 (1.63x), TV 0.067, 38 s alone / 74 s
-    "scd": (1500, 1.15, []),       # measured, one seed: 0.692 -> 0.520 (1.33x), TV 0.117, 39 s alone / 75 s
-    "meanflow": (1500, 1.15, []),  # measured, one seed: 0.702 -> 0.542 (1.30x), TV 0.169, 35 s alone / 63 s
+    "sct": (1000, 1.4, []),        # measured, one seed: 0.692 -> 0.355 (1.95x), TV 0.040, 25 s in the suite
+    "scd": (1000, 1.15, []),       # measured, one seed: 0.692 -> 0.496 (1.40x), TV 0.083, 27 s in the suite
+    "meanflow": (1000, 1.15, []),  # measured, one seed: 0.702 -> 0.531 (1.32x), TV 0.193, 27 s in the suite
 }
 
 

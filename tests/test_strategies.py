@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import own_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "strategy_fit.py"
 QUIET = ["--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
@@ -26,12 +28,12 @@ QUIET = ["--trainer.logger=false", "--trainer.enable_checkpointing=false", "--tr
          "--model.init_args.warm_start_steps=300",
          "--trainer.callbacks=[{class_path: callbacks.TwoTimeScaleUpdate, init_args: "
          "{critic_steps_per_generator_step: 5}}, {class_path: callbacks.StudentEMA, init_args: {decay: 0.99}}]"]
-BATCHES = 150  # optimizer batches per rank (global batch 256)
+BATCHES = 100  # optimizer batches per rank (global batch 256)
 
 
 def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo",
-                MASTER_ADDR="127.0.0.1", HF_HUB_OFFLINE="1")
+                MASTER_ADDR="127.0.0.1", HF_HUB_OFFLINE="1", MASTER_PORT=str(own_port()))
 
 
 def _start(out: Path, *args: str) -> subprocess.Popen:

@@ -673,18 +673,10 @@ def test_snoopi_resume_from_checkpoint_matches_uninterrupted_fit(tmp_path):
     """Stopping and resuming reproduces an uninterrupted fit: the LoRA adapters, the owned frozen base, the student and
     EMA, and the random draws (guidance scale, label dropout) all come back (the pattern of
     test_distributed_and_resume.py, on SNOOPI, which runs every VSD code path plus its own draws)."""
-    from tests.test_distributed_and_resume import QUIET as RESUME_QUIET, assert_same_tensors, run
+    from tests.test_distributed_and_resume import QUIET as RESUME_QUIET, assert_same_tensors, fit_straight_and_resumed
 
     config = ["-c", "experiments/toy/ring8/snoopi.yaml", *RESUME_QUIET, "--data.init_args.batches_per_epoch=7"]
-    run(tmp_path / "straight", *config, "--trainer.max_epochs=2", "--trainer.enable_checkpointing=false")
-    checkpoints = tmp_path / "ckpt"
-    run(tmp_path / "first", *config, "--trainer.max_epochs=1",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={checkpoints}",
-        "--trainer.callbacks.save_last=true")
-    run(tmp_path / "resumed", "--ckpt_path", str(checkpoints / "last.ckpt"), *config, "--trainer.max_epochs=2",
-        "--trainer.enable_checkpointing=false")
-    straight, first, resumed = (torch.load(tmp_path / name / "rank0.pt", weights_only=False)
-                                for name in ("straight", "first", "resumed"))
+    straight, first, resumed = fit_straight_and_resumed(tmp_path, config)
     assert resumed["global_step"] == straight["global_step"] > first["global_step"]
     assert_same_tensors(straight["module"], resumed["module"], atol=1e-6)
     assert_same_tensors(straight["callbacks"]["StudentEMA"]["average"], resumed["callbacks"]["StudentEMA"]["average"],
