@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## the test suite (CI runs this through .ci/run); 16-18 minutes on 2 cores (1246 tests)
+## the test suite (CI runs this through .ci/run); 16-20 minutes on 2 cores (1246 tests)
 ## the suite in TEST_WORKERS processes (pytest-xdist with work stealing: each test runs one torch thread, so two
 ## workers fill a 2-core machine; TEST_WORKERS=0 runs it in this process)
 TEST_WORKERS ?= 2
