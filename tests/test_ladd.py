@@ -26,7 +26,9 @@ from lightning_modules.methods.ladd import LADD
 from lightning_modules.methods.sana_sprint import SANASprint
 from lightning_modules.methods.scm import ContinuousConsistencyDistillation
 from lightning_modules.networks import GaussianMixture, GaussianMixtureTeacher, ToyMLPDenoiser
-from lightning_modules.networks.feature_discriminator import TeacherFeatureDiscriminator, frozen_features
+from lightning_modules.conditioning.condition import TextCondition
+from lightning_modules.networks.feature_discriminator import (TeacherFeatureDiscriminator, frozen_features,
+                                                               pooled_prompt)
 from tests.helpers import independent_x0
 from tests.toy_runs import build
 
@@ -186,6 +188,48 @@ def test_discriminator_checks_feature_widths_and_skips_the_projection_for_the_nu
     unconditional = discriminator(teacher, x_t, t, None)
     torch.testing.assert_close(logits, unconditional)
     assert (discriminator(teacher, x_t, t, torch.zeros(6, dtype=torch.long)) - unconditional).abs().max() > 1e-4
+
+
+def test_pooled_prompt_is_the_encoders_pooled_state_else_the_mean_over_real_tokens():
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(3, 5, 4), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    pooled = torch.randn(3, 4)
+    torch.testing.assert_close(pooled_prompt(TextCondition(embeds, pooled=pooled)), pooled)
+    expected = torch.stack([embeds[0, :2].mean(0), embeds[1].mean(0), embeds[2, 0]])
+    torch.testing.assert_close(pooled_prompt(TextCondition(embeds, mask=mask)), expected)
+    torch.testing.assert_close(pooled_prompt(TextCondition(embeds)), embeds.mean(1))
+
+
+class _FeaturesOfTheInput(nn.Module):
+    """A frozen stand-in network whose generative features are x_t and x_t^2 (the heads under test read them)."""
+    schedule = EDMSchedule()
+
+    def generative_features(self, x_t, t, cond=None):
+        return [x_t, x_t ** 2]
+
+
+def test_prompt_projection_adds_exactly_w_p_dot_h_per_location():
+    """LADD's heads conditioned on the pooled prompt: logit(x, p) - logit(x, 0) = <W p, h(x)> with h the head's
+    hidden state (one location per (B, C) feature) -- checked against the head's own hidden state."""
+    torch.manual_seed(0)
+    network = _FeaturesOfTheInput()
+    discriminator = TeacherFeatureDiscriminator([3, 3], hidden=8, prompt_dim=6)
+    x_t, t = torch.randn(4, 3), torch.full((4,), 0.7, dtype=torch.float64)
+    prompts = TextCondition(torch.randn(4, 2, 6), pooled=torch.randn(4, 6))
+    zero = TextCondition(torch.zeros(4, 2, 6), pooled=torch.zeros(4, 6))
+    conditioned, unconditioned = discriminator(network, x_t, t, prompts), discriminator(network, x_t, t, zero)
+    head = discriminator.heads[1]
+    embedding = discriminator.noise_embedding((network.schedule.edm_sigma(t).log() / 4).float())
+    hidden = head.body(head.input((x_t ** 2)[:, :, None, None]) + head.noise_shift(embedding)[:, :, None, None])
+    expected = (head.prompt_projection(prompts.pooled) * hidden.flatten(1)).sum(1)
+    torch.testing.assert_close(conditioned[:, 1] - unconditioned[:, 1], expected)
+    assert (conditioned - unconditioned).abs().min() > 1e-6   # every head reads the prompt
+    with pytest.raises(ValueError, match="prompt_dim 5 does not match the pooled prompt embedding's width 6"):
+        TeacherFeatureDiscriminator([3, 3], prompt_dim=5)(network, x_t, t, prompts)
+    with pytest.raises(ValueError, match="prompt_dim 6 projects prompts, but the condition is Tensor"):
+        discriminator(network, x_t, t, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes 10 and prompt_dim 6"):
+        TeacherFeatureDiscriminator([3], num_classes=10, prompt_dim=6)
 
 
 class _LinearOnPosteriorMean(nn.Module):

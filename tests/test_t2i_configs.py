@@ -40,11 +40,8 @@ NOT_PROMPT_ONLY = {
            "yet",
     "nct": "its control models read class labels (mixture component, MNIST classifier); a text-conditioned generator "
            "with a new image control is not yet wired",
-    "ladd": "its discriminator heads (networks.feature_discriminator) take class labels for their projection term, "
-            "not the pooled prompt the paper conditions on, and its default real side is real images; real_data: "
-            "teacher (prompts only) is not yet wired or tested through a text-conditioned latent teacher",
     "sana_sprint": "sCD's TrigFlow map rides on an EDM-preconditioned student (see scd) and its x_t are noised real "
-                   "images; the LADD half's heads take class labels, not prompts (see ladd)",
+                   "images (its LADD half's heads take prompts, as experiments/mnist_t2i/ladd.yaml)",
     "cd": "its targets start from noised real samples (the pair regime has them), but its student needs the boundary "
           "condition f(x, t_min) = x, which has no parametrization for an epsilon-prediction diffusers UNet here "
           "(boundary_condition is EDM-only; no LCM-style c_skip / c_out in training): the consistency-family issue, "

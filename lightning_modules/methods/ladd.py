@@ -20,9 +20,11 @@ D(x, s) = heads(T_features(x, s, c)) (``networks.TeacherFeatureDiscriminator``);
 (exact, or the approximated R1 ||D(x) - D(x + eps n)||^2 of Lin et al. 2025), is ``adversarial.TeacherFeatureGAN``.
 p(s): rectified-flow logit-normal (m, s) = (1, 1) (``FlowLogitNormalTime``; the paper's bias toward high noise).
 
-Deviations, kept on purpose: the paper's heads read the tokens of every transformer block and are conditioned on the
-pooled text embedding; here they read the layers named in ``feature_layers`` (for the exact Gaussian-mixture
-teacher, which has no layers, its posterior mean and mode responsibilities) with a class-projection term. LADD also
+Conditioning: as in the paper, the heads read the noise level and, with prompts, the pooled text embedding
+(``prompt_dim``; experiments/mnist_t2i/ladd.yaml); for class labels a class-projection term (``num_classes``).
+Deviations, kept on purpose: the paper's heads read the tokens of every transformer block; here they read the layers
+named in ``feature_layers`` (for the exact Gaussian-mixture teacher, which has no layers, its posterior mean and mode
+responsibilities). LADD also
 trains multi-step students on noised synthetic data at the student's timesteps; here a K-step student follows DMD2's
 backward simulation, the framework's shared K-step training sample.
 """
