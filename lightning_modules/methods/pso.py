@@ -20,9 +20,19 @@ denoise toward the preferred sample and away from the dispreferred one; the refe
 student drifts (it saturates once the margin is large). Timesteps: PSO noises the pair to the distilled model's own
 timesteps, so the likelihood is measured where the student actually samples.
 
+The target-image variant (``pair_source: target``; the paper's style transfer and concept customisation, where the
+training images are the preferred side and "reference images sampled from the current distilled model" the other,
+its abstract and Sec. 3.2): per batch
+
+  x_w = a training image x ~ batch["real"] with its condition c;  x_l = sg G_theta(z, c), z ~ N(0, I)
+
+and the same loss, so the student moves toward the training set's distribution while keeping its few-step sampler;
+no reward is needed (``reward`` may be left out). The DataModule must serve real samples (the real-image regime).
+
 The reference G_ref is a frozen copy of the student as the method starts (after the toy warm start), registered so
 checkpoints carry it. With ``student_lora`` only the adapters train and G_ref copies them at B = 0.
-Not reproduced: the offline variant with a fixed set of target images (style / concept tuning).
+Not reproduced: pairs from a fixed offline preference dataset (Pick-a-Pic style, the paper's offline preference
+tuning), which would be a pair DataModule rather than a change here.
 """
 from __future__ import annotations
 
@@ -43,9 +53,19 @@ def pairwise_preference_loss(margin_winner: Tensor, margin_loser: Tensor, beta: 
     return F.softplus(beta * (margin_winner - margin_loser))
 
 
+#: where the preferred / dispreferred pairs come from (module docstring)
+PAIR_SOURCES = ("online", "target")
+
+
 class PairwiseSampleOptimization(DistillationModule):
-    def __init__(self, *args, reward: nn.Module, beta: float = 1.0, pair_correlation: float = 0.5,
-                 time_sampler: TimeSampler | None = None, **kwargs):
+    def __init__(self, *args, reward: nn.Module | None = None, beta: float = 1.0, pair_correlation: float = 0.5,
+                 time_sampler: TimeSampler | None = None, pair_source: str = "online", **kwargs):
+        if pair_source not in PAIR_SOURCES:
+            raise ValueError(f"unknown pair_source {pair_source!r}; expected one of {PAIR_SOURCES}")
+        if pair_source == "online" and reward is None:
+            raise ValueError("pair_source: online orders the student's own pairs by a reward: give model.init_args."
+                             "reward (e.g. lightning_modules.methods.rewards.MixtureLogDensity), or use pair_source: "
+                             "target with training images")
         if not beta > 0:
             raise ValueError(f"beta (the preference temperature) must be > 0, got {beta}")
         if not 0.0 <= pair_correlation < 1.0:
@@ -55,8 +75,11 @@ class PairwiseSampleOptimization(DistillationModule):
         for store in (self.hparams, getattr(self, "_hparams_initial", None) or {}):  # a network: state, not hparams
             if isinstance(store.get("reward"), nn.Module):
                 store.pop("reward")
-        self.reward = reward.requires_grad_(False).eval()
+        self.reward = reward.requires_grad_(False).eval() if reward is not None else None
         self.beta, self.pair_correlation = float(beta), float(pair_correlation)
+        self.pair_source = pair_source
+        self.needs_real_data = pair_source == "target"
+        self.real_data_reason = "pair_source: target prefers training images over the student's own samples"
         self.time_sampler = time_sampler
         self.reference = self._frozen_copy()
 
@@ -94,6 +117,14 @@ class PairwiseSampleOptimization(DistillationModule):
         winner, loser = torch.where(a_wins, x_a, x_b), torch.where(a_wins, x_b, x_a)
         return winner, loser, (r_a - r_b).abs()
 
+    @torch.no_grad()
+    def target_pairs(self, batch: dict) -> tuple[Tensor, Tensor, object]:
+        """(x_w, x_l, c): training images and the current student's samples of their conditions."""
+        target, cond = batch["real"], batch.get("real_cond")
+        noise = torch.randn((target.shape[0], *batch["noise"].shape[1:]), device=target.device,
+                            dtype=batch["noise"].dtype)
+        return target.to(noise.dtype), self.generate(noise, cond), cond
+
     def pair_times(self, n: int, device) -> Tensor:
         if self.time_sampler is not None:
             return self.sample_times(self.time_sampler, n)
@@ -117,6 +148,10 @@ class PairwiseSampleOptimization(DistillationModule):
                 "margin_loser": margin_l.detach().mean(), "preference_accuracy": accuracy}
 
     def generator_loss(self, batch):
+        if self.pair_source == "target":
+            winner, loser, cond = self.target_pairs(batch)
+            t = self.pair_times(winner.shape[0], winner.device)
+            return self.pairwise_loss(winner, loser, t, self.noise_like(winner), cond)
         cond = batch.get("cond")
         winner, loser, gap = self.preference_pairs(batch)
         t = self.pair_times(winner.shape[0], winner.device)
