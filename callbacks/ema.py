@@ -9,6 +9,11 @@ so validation metrics, sample grids and exports use it. Its state travels in the
 so a short run's average is not dominated by its first weights: with a fixed 0.99 the first update's student (one
 step from the initial network) still has weight 0.99^199 = 13.5% after 200 updates. (``AveragedModel`` starts the
 average as a copy of the student at the first update.)
+
+``restart_at_stage_change``: the average restarts from the student when the method's ``averaging_phase()`` changes
+(progressive distillation's halving stages, guidance distillation's two stages, TCM's stage 2): with decay 0.999 an
+average that ran on through a stage change would still be 37% the previous stage's weights after 1000 updates, and
+that student was trained for another step count or time range.
 """
 from __future__ import annotations
 
@@ -35,13 +40,14 @@ def warmup_ema_multi_avg_fn(decay: float):
 
 class StudentEMA(Callback):
     def __init__(self, decay: float = 0.999, start_step: int = 0, evaluate_with_ema: bool = True,
-                 warmup: bool = False):
+                 warmup: bool = False, restart_at_stage_change: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start_step, self.evaluate_with_ema = decay, start_step, evaluate_with_ema
-        self.warmup = warmup
+        self.warmup, self.restart_at_stage_change = warmup, restart_at_stage_change
         self.average: AveragedModel | None = None
         self.generator_updates = 0
+        self.phase: int | None = None   # the method's averaging_phase() the average belongs to
         self._pending_state: dict | None = None
 
     def _ensure(self, pl_module):
@@ -70,15 +76,20 @@ class StudentEMA(Callback):
         if getattr(pl_module, "generator_stepped", True):
             self.generator_updates += 1
             if self.generator_updates > self.start_step:
+                phase = pl_module.averaging_phase() if hasattr(pl_module, "averaging_phase") else 0
+                if self.restart_at_stage_change and self.phase is not None and phase != self.phase:
+                    self.average.n_averaged.zero_()   # the next update copies the student (AveragedModel)
+                self.phase = phase
                 with full_parameters(pl_module.averaged_network()) as network:
                     self.average.update_parameters(network)
 
     def state_dict(self):
-        return {"generator_updates": self.generator_updates,
+        return {"generator_updates": self.generator_updates, "phase": self.phase,
                 "average": None if self.average is None else self.average.state_dict()}
 
     def load_state_dict(self, state_dict):
         self.generator_updates = state_dict["generator_updates"]
+        self.phase = state_dict.get("phase")
         if state_dict["average"] is not None:
             if self.average is None:
                 self._pending_state = state_dict["average"]

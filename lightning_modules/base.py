@@ -282,6 +282,12 @@ class DistillationModule(EvaluationNetworkMixin, LightningModule):
         """The network an EMA callback follows."""
         return self.student
 
+    def averaging_phase(self) -> int:
+        """The method's stage counter; an EMA callback restarts its average when it changes. Staged methods override
+        it: a new stage trains the student for another task (PD's halved step count, TCM's truncated range), so an
+        average that reached back into the previous stage would sample with a blend of two models."""
+        return 0
+
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Tensor | None = None, nfe: int | None = None,
                generator: torch.Generator | None = None, teacher_steps: int = 0,

@@ -243,6 +243,9 @@ class ProgressiveDistillation(DistillationModule):
         self.stage_teacher.requires_grad_(False).eval()
         self.stage += 1
 
+    def averaging_phase(self) -> int:
+        return int(self.stage)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if "stage_teacher" in self._modules:
@@ -319,6 +322,9 @@ class GuidanceDistillation(ProgressiveDistillation):
         wanted = self.stage_for_step(step)
         while int(self.stage) < wanted:
             self.advance_stage()
+
+    def averaging_phase(self) -> int:
+        return int(self.phase) * self.num_stages + int(self.stage)
 
     def end_guidance_phase(self) -> None:
         """Stage 1 -> stage 2: the w-conditioned student, frozen, becomes the progressive teacher (2 N_0 steps)."""

@@ -82,6 +82,9 @@ class TruncatedConsistencyModel(ConsistencyDistillation):
         self.warm_started.fill_(True)
         self.stage.fill_(2)
 
+    def averaging_phase(self) -> int:
+        return int(self.stage)
+
     def apply_curriculum(self, step, total_steps):
         if int(self.stage) == 1 and step >= self.stage1_steps:
             self.load_stage1()
