@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.training_step import run_row  # noqa: E402
 METHODS = ["dmd2", "sid", "cd", "kd"]
 
 
 def worker(args) -> dict:
     import torch
 
-    from benchmarks.t2i import peak_saved_activations, state_bytes
+    from benchmarks.training_step import measure_training_iterations
     from tests.toy_runs import build
 
     torch.set_num_threads(1)
@@ -49,37 +47,9 @@ def worker(args) -> dict:
     module.setup("fit")
     module.train()
     optimizers = module.configure_optimizers()[0]
-    generator_optimizer = optimizers[0]
     critic_optimizer = optimizers[1] if module.uses_critic else None
-
-    def update(optimizer, loss_fn, parameters, batch):
-        optimizer.zero_grad(set_to_none=False)
-        loss_fn(batch)["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 10.0)
-        optimizer.step()
-
-    generator_parameters = list(module.generator_parameters())
-    critic_parameters = list(module.critic_parameters()) if critic_optimizer is not None else []
-    times = []
-    for i in range(args.iterations + 2):
-        batch = module.prepare_batch(next(batches))
-        start = time.perf_counter()
-        if critic_optimizer is not None:
-            update(critic_optimizer, module.critic_loss, critic_parameters, batch)
-        update(generator_optimizer, module.generator_loss, generator_parameters, batch)
-        module.on_generator_step_end()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    batch = module.prepare_batch(next(batches))
-    activations = {"generator": peak_saved_activations(module.generator_loss, batch)}
-    if critic_optimizer is not None:
-        activations["critic"] = peak_saved_activations(module.critic_loss, batch)
-    state = state_bytes(module, [o for o in (generator_optimizer, critic_optimizer) if o is not None])
-    return {"seconds_per_iteration": statistics.median(times),
-            "trainable_parameters": sum(p.numel() for p in set(generator_parameters) | set(critic_parameters)),
-            "state_bytes": state, "state_bytes_total": sum(state.values()),
-            "activation_bytes": activations, "activation_bytes_peak": max(activations.values()),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return measure_training_iterations(module, lambda: module.prepare_batch(next(batches)), optimizers[0],
+                                       critic_optimizer, args.iterations)
 
 
 def mib(n) -> str:
@@ -130,15 +100,10 @@ def main():
     rows = []
     for method in args.methods:
         for lora in (False, True):
-            command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--iterations",
-                       str(args.iterations), "--batch-size", str(args.batch_size), "--rank", str(args.rank)]
-            command += ["--lora"] if lora else []
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            result = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
-            if done.returncode != 0 or result is None:
-                raise RuntimeError(f"row {method} lora={lora} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            rows.append({"method": method, "lora": lora, **json.loads(result[len("RESULT "):])})
+            arguments = ["--method", method, "--iterations", str(args.iterations), "--batch-size",
+                         str(args.batch_size), "--rank", str(args.rank)] + (["--lora"] if lora else [])
+            result = run_row(__file__, arguments, f"{method} lora={lora}", ROOT)
+            rows.append({"method": method, "lora": lora, **result})
             print(f"{method} {'lora' if lora else 'full'}: state {mib(rows[-1]['state_bytes_total'])} MiB, "
                   f"{rows[-1]['seconds_per_iteration']:.3f} s/iteration", flush=True)
     with open(os.path.join(args.output, "lora_memory.json"), "w") as handle:

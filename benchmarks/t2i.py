@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.training_step import run_row  # noqa: E402
 CONFIG = os.path.join(ROOT, "experiments", "mnist_t2i", "dmd2.yaml")
 
 #: (row name, student, optimizer, gradient checkpointing)
@@ -43,37 +41,10 @@ ROWS = [("full / AdamW / no ckpt", "full", "adamw", False),
 OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def state_bytes(module, optimizers) -> dict:
-    trained = [p for p in module.parameters() if p.requires_grad]
-    optimizer_state = sum(tensor_bytes(v for v in state.values() if hasattr(v, "element_size"))
-                          for optimizer in optimizers for state in optimizer.state.values())
-    return {"parameters": tensor_bytes(trained), "gradients": tensor_bytes(p.grad for p in trained),
-            "optimizer_state": optimizer_state}
-
-
-def peak_saved_activations(loss_fn, batch) -> int:
-    import torch
-
-    live, peak = [0], [0]
-
-    def pack(tensor):
-        live[0] += tensor.numel() * tensor.element_size()
-        peak[0] = max(peak[0], live[0])
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn(batch)["loss"]
-    loss.backward()
-    return peak[0]
-
-
 def worker(args) -> dict:
     import torch
 
+    from benchmarks.training_step import measure_training_iterations
     from tests.toy_runs import build
 
     torch.set_num_threads(1)
@@ -97,39 +68,13 @@ def worker(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device)
 
-    def on_device(batch):
-        return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+    def next_batch():
+        return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in next(batches).items()}
 
-    def update(optimizer, loss_fn, parameters, batch):
-        optimizer.zero_grad(set_to_none=False)
-        loss_fn(batch)["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 10.0)
-        optimizer.step()
-
-    critic_parameters = list(module.critic_parameters())
-    generator_parameters = list(module.generator_parameters())
-    times = []
-    for i in range(args.iterations + 2):
-        batch = on_device(next(batches))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        update(critic_optimizer, module.critic_loss, critic_parameters, batch)
-        update(generator_optimizer, module.generator_loss, generator_parameters, batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    batch = on_device(next(batches))
-    activations = {"generator": peak_saved_activations(module.generator_loss, batch),
-                   "critic": peak_saved_activations(module.critic_loss, batch)}
-    trainable = sum(p.numel() for p in set(generator_parameters) | set(critic_parameters))
-    state = state_bytes(module, [generator_optimizer, critic_optimizer])
-    return {"seconds_per_iteration": statistics.median(times), "trainable_parameters": trainable,
-            "state_bytes": state, "state_bytes_total": sum(state.values()),
-            "activation_bytes_peak": max(activations.values()), "activation_bytes": activations,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    row = measure_training_iterations(module, next_batch, generator_optimizer, critic_optimizer, args.iterations,
+                                      synchronize=synchronize)
+    return {**row, "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
             "device": device.type}
 
 
@@ -180,16 +125,12 @@ def main():
         return
     rows = []
     for name, student, optimizer, checkpointing in ROWS:
-        command = [sys.executable, os.path.abspath(__file__), "--worker", "--output", args.output,
-                   "--iterations", str(args.iterations), "--batch-size", str(args.batch_size), "--pipeline", args.pipeline,
-                   "--student", student, "--optimizer", optimizer] + (["--checkpointing"] if checkpointing else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-        result = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if done.returncode != 0 or result is None:
-            raise RuntimeError(f"benchmark row {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        arguments = ["--output", args.output, "--iterations", str(args.iterations), "--batch-size",
+                     str(args.batch_size), "--pipeline", args.pipeline, "--student", student, "--optimizer",
+                     optimizer] + (["--checkpointing"] if checkpointing else [])
+        result = run_row(__file__, arguments, name, ROOT)
         rows.append({"name": name, "student": student, "optimizer": optimizer, "gradient_checkpointing": checkpointing,
-                     **json.loads(result[len("RESULT "):])})
+                     **result})
         print(f"{name}: {rows[-1]['seconds_per_iteration']:.3f} s/iteration", flush=True)
     report = {"config": os.path.relpath(CONFIG, ROOT), "pipeline": args.pipeline, "batch_size": args.batch_size, "iterations": args.iterations,
               "rows": rows}
