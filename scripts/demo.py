@@ -75,6 +75,7 @@ def main():
     fit_seconds = time.time() - fit_start
     export_student(module, os.path.join(args.out, "student"), overwrite=True)
 
+    score_start = time.time()
     module.eval()
     reference = datamodule.split("test")[0][:args.num_samples]
     reference_key = f"mnist-test-{reference.shape[-2]}x{reference.shape[-1]}"
@@ -82,6 +83,7 @@ def main():
     student, student_speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
     results = {"student": {"1": {"images_per_second": student_speed,
                                  **score(student, reference, reference_key, extractors)}}}
+    score_seconds = time.time() - score_start
 
     # The teacher is frozen and shipped: its sweep is measured once by `make teacher` with this same protocol
     # (noise seed, labels, reference, extractors) and read from its card; without a matching card it is measured here.
@@ -108,6 +110,8 @@ def main():
                            "teacher_sweep_source": teacher_source, "teacher_sampler": "Heun (EDM Alg. 1)",
                            "student_sampler": "one step"},
               "training": {"seconds": fit_seconds, "optimizer_steps": trainer.global_step},
+              "seconds": {"setup": fit_start - started, "training": fit_seconds, "student_scoring": score_seconds,
+                          "total": time.time() - started},
               "results": results, "total_seconds": time.time() - started}
     write_json_atomic(os.path.join(args.out, "report.json"), report)
     write_text_atomic(os.path.join(args.out, "report.md"), markdown(report, extractors))
@@ -143,6 +147,12 @@ def markdown(report, extractors) -> str:
         f"{e}: {student[e]['fid'] / teacher32[e]['fid']:.2f}" for e in extractors), "",
         "![teacher at 32 steps (left) and student at 1 step (right), same noise and labels](samples.png)", "",
         "Exported student (diffusers folder): `student/` -- see its README.md.", ""]
+    seconds = report.get("seconds")
+    if seconds:
+        lines += [f"Wall time {seconds['total']:.0f} s: setup {seconds['setup']:.0f} s, training "
+                  f"{seconds['training']:.0f} s, sampling and scoring the student "
+                  f"{seconds['student_scoring']:.0f} s (Inception-v3 features on CPU are most of it), the rest "
+                  "export, the teacher's sample grid and the report.", ""]
     return "\n".join(lines)
 
 
