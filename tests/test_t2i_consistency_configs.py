@@ -42,6 +42,8 @@ def test_t2i_consistency_config_builds_and_steps(config, pair_folder, tmp_path):
     assert module.boundary_scalings == ("none" if "hyper_sd" in config else "lcm")
     if "lora" in config or "hyper_sd" in config:
         assert all("lora_" in n for n, p in module.student.named_parameters() if p.requires_grad)
+    if os.path.basename(config) == "lcm.yaml":   # w ~ U[1.5, 3] embedded into the student (LCM Sec. 4.2)
+        assert module.guidance_embedding and (module.w_min, module.w_max, module.eval_guidance_scale) == (1.5, 3.0, 2.0)
 
 
 def test_lcm_lora_delta_merges_onto_the_teachers_weights(pair_folder, tmp_path):
