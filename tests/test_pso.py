@@ -102,20 +102,27 @@ def test_bad_values_are_named():
         _module(pair_correlation=1.0)
 
 
-def test_pso_raises_the_reward_without_blowing_up_sliced_w2(tmp_path):
-    """ring8/pso.yaml at 200 batches, warm start 500. Measured, one seed: sliced W2 0.538 -> 0.445 (floor 0.026),
-    median log p of the one-step samples -45.4 -> -15.1, 8/8 modes; the mode-weight TV rises 0.011 -> 0.30 (at 300
-    batches: log p -5.8, SW2 0.578, TV 0.44 -- the log-density reward favours the modes the blurry start lands
-    nearest: reward hacking, which the DPO margin to the reference only slows)."""
+def _short_ring8_run(name, tmp_path):
+    """experiments/toy/ring8/<name>.yaml at 200 batches after a 500-step warm start, set up but not fitted, with a
+    one-step ground-truth metric."""
     from callbacks import GroundTruthMetrics
     from tests.toy_runs import build
 
-    cli = build("experiments/toy/ring8/pso.yaml", "--data.init_args.batches_per_epoch=200",
+    cli = build(f"experiments/toy/ring8/{name}.yaml", "--data.init_args.batches_per_epoch=200",
                 "--model.init_args.warm_start_steps=500",
                 "--model.init_args.generator_lr_scheduler.init_args.T_max=200", root=str(tmp_path))
     module, datamodule = cli.model, cli.datamodule
     module.setup("fit")
     metric = GroundTruthMetrics(num_samples=3000, nfe=[1], num_floor_sets=1, verbose=False)
+    return cli, module, datamodule, metric
+
+
+def test_pso_raises_the_reward_without_blowing_up_sliced_w2(tmp_path):
+    """ring8/pso.yaml at 200 batches, warm start 500. Measured, one seed: sliced W2 0.538 -> 0.445 (floor 0.026),
+    median log p of the one-step samples -45.4 -> -15.1, 8/8 modes; the mode-weight TV rises 0.011 -> 0.30 (at 300
+    batches: log p -5.8, SW2 0.578, TV 0.44 -- the log-density reward favours the modes the blurry start lands
+    nearest: reward hacking, which the DPO margin to the reference only slows)."""
+    cli, module, datamodule, metric = _short_ring8_run("pso", tmp_path)
     noise = torch.randn(3000, 2, generator=torch.Generator().manual_seed(7))
     before, x_before = metric.evaluate(module, datamodule.law)[1], module.sample(noise, None, 1)
     cli.trainer.fit(module, datamodule)
@@ -140,7 +147,7 @@ def test_target_pairs_prefer_the_training_samples_over_the_students_own_and_need
     expected_loser = module.generate(torch.randn(5, 2, dtype=torch.float64), None)
     assert torch.equal(winner, real) and cond is None
     torch.testing.assert_close(loser, expected_loser)
-    # at theta = ref the loss is log 2 here too, and its gradient is the hand formula's
+    # at theta = ref every margin is 0: the loss is log 2 here too
     torch.manual_seed(4)
     losses = module.generator_loss(batch)
     assert float(losses["loss"]) == pytest.approx(math.log(2), abs=1e-12)
@@ -149,15 +156,7 @@ def test_target_pairs_prefer_the_training_samples_over_the_students_own_and_need
 def test_pso_target_images_pull_the_one_step_student_toward_the_training_law(tmp_path):
     """ring8/pso_target.yaml at 200 batches, warm start 500. Measured, one seed: sliced W2 0.538 -> 0.288 (floor
     0.026), mode-weight TV 0.011 -> 0.018, 8/8 modes."""
-    from callbacks import GroundTruthMetrics
-    from tests.toy_runs import build
-
-    cli = build("experiments/toy/ring8/pso_target.yaml", "--data.init_args.batches_per_epoch=200",
-                "--model.init_args.warm_start_steps=500",
-                "--model.init_args.generator_lr_scheduler.init_args.T_max=200", root=str(tmp_path))
-    module, datamodule = cli.model, cli.datamodule
-    module.setup("fit")
-    metric = GroundTruthMetrics(num_samples=3000, nfe=[1], num_floor_sets=1, verbose=False)
+    cli, module, datamodule, metric = _short_ring8_run("pso_target", tmp_path)
     before = metric.evaluate(module, datamodule.law)[1]
     cli.trainer.fit(module, datamodule)
     after = metric.evaluate(module, datamodule.law)[1]
