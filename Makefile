@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install test test-all demo demo-t2i demo-toy teacher teacher-t2i teacher-sr classifier bench bench-toy bench-mnist \
-	bench-t2i bench-lora tensorboard clean \
+	bench-t2i bench-lora bench-sr tensorboard clean \
 	gpu-check slurm-test
 
 $(STAMP): setup.cfg pyproject.toml
@@ -78,6 +78,11 @@ bench-toy: $(STAMP)
 bench-mnist: $(STAMP)
 	$(PY) benchmarks/image_methods.py --output bench-results $(BENCH_ARGS)
 
+## every one-step super-resolution student (experiments/mnist_sr) at the same budget of generator updates, PSNR / SSIM
+## / FID at x2 and x4 next to the SR teacher's card -> bench-results/restoration.{json,md}
+bench-sr: $(STAMP)
+	$(PY) benchmarks/restoration.py --output bench-results $(BENCH_ARGS)
+
 ## text-to-image memory options on the shipped SD-layout teacher: full vs LoRA, AdamW vs 8-bit AdamW, with vs without
 ## gradient checkpointing -> bench-results/t2i.{json,md} (s/iteration, state and activation bytes, ratios)
 bench-t2i: $(STAMP)
@@ -87,7 +92,7 @@ bench-t2i: $(STAMP)
 bench-lora: $(STAMP)
 	$(PY) benchmarks/lora_memory.py --output bench-results $(BENCH_ARGS)
 
-bench: bench-toy bench-mnist bench-t2i bench-lora
+bench: bench-toy bench-mnist bench-sr bench-t2i bench-lora
 
 ## GPU check, not part of CI (needs one CUDA GPU; < 5 min on an H100): DMD2 + consistency distillation on a
 ## CIFAR-sized diffusers UNet in bf16 -> it/s, peak memory, overhead ratio; non-zero exit on any failure.

@@ -175,13 +175,12 @@ def kept_class_scores(samples, labels, reference_all, reference_labels, forget, 
             "kept_class_fid": kept_fid}
 
 
-def launch(method: str, args, scratch: str) -> dict:
+def launch_worker(script: str, method: str, worker_args: list[str], scratch: str) -> dict:
+    """Run ``script --worker --method <method> <worker_args>`` in its own process on one thread; its JSON record,
+    or {"method", "error"} with the tail of its stderr when it fails."""
     out = os.path.join(scratch, f"{method}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--worker-output", out,
-               "--generator-updates", str(args.generator_updates), "--num-samples", str(args.num_samples),
-               "--seed", str(args.seed), "--seed-eval", str(args.seed_eval), "--nfe", *map(str, args.nfe)]
-    if args.inception_nfe:
-        command += ["--inception-nfe", *map(str, args.inception_nfe)]
+    command = [sys.executable, os.path.abspath(script), "--worker", "--method", method, "--worker-output", out,
+               *worker_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -191,6 +190,14 @@ def launch(method: str, args, scratch: str) -> dict:
     print(f"  {method:14s} done in {time.time() - start:6.1f}s", flush=True)
     with open(out) as handle:
         return json.load(handle)
+
+
+def launch(method: str, args, scratch: str) -> dict:
+    worker_args = ["--generator-updates", str(args.generator_updates), "--num-samples", str(args.num_samples),
+                   "--seed", str(args.seed), "--seed-eval", str(args.seed_eval), "--nfe", *map(str, args.nfe)]
+    if args.inception_nfe:
+        worker_args += ["--inception-nfe", *map(str, args.inception_nfe)]
+    return launch_worker(__file__, method, worker_args, scratch)
 
 
 def markdown(records, protocol) -> str:
