@@ -175,6 +175,22 @@ def kept_class_scores(samples, labels, reference_all, reference_labels, forget, 
             "kept_class_fid": kept_fid}
 
 
+def benchmark_parser(doc: str, methods: list[str], generator_updates: int) -> argparse.ArgumentParser:
+    """The arguments every per-method benchmark has: output folder, methods, the common budget, seeds, parallel jobs,
+    and the hidden ones a worker process gets."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="bench-results")
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--generator-updates", type=int, default=generator_updates)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
+    parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    return parser
+
+
 def launch_worker(script: str, method: str, worker_args: list[str], scratch: str) -> dict:
     """Run ``script --worker --method <method> <worker_args>`` in its own process on one thread; its JSON record,
     or {"method", "error"} with the tail of its stderr when it fails."""
@@ -245,23 +261,14 @@ def markdown(records, protocol) -> str:
 
 def main():
     methods = discover_methods()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="bench-results")
-    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
-    parser.add_argument("--generator-updates", type=int, default=200)
+    parser = benchmark_parser(__doc__, methods, generator_updates=200)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
-    parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the demo's protocol)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4],
                         help="student step counts scored (1 always; the family's few-step rows)")
     parser.add_argument("--inception-nfe", type=int, nargs="*", default=[],
                         help="student steps at which to add Inception-v3 FID (slow on CPU; e.g. 4 32)")
-    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other methods' records of an existing mnist.json and replace only these")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         record = run_method(args.method, args)

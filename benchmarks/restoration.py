@@ -14,7 +14,6 @@ within 1 dB PSNR of the 32-step teacher. Writes ``restoration.json`` and ``resto
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.image_methods import StopAfterGeneratorUpdates, launch_worker, network_sizes, peak_memory_mb  # noqa: E402
+from benchmarks.image_methods import (StopAfterGeneratorUpdates, benchmark_parser, launch_worker,  # noqa: E402
+                                      network_sizes, peak_memory_mb)
 
 CONFIGS = os.path.join(ROOT, "experiments", "mnist_sr")
 TEACHER = os.path.join(ROOT, "assets", "mnist-sr-teacher")
@@ -123,19 +123,10 @@ def markdown(records, teacher, protocol) -> str:
 
 def main():
     methods = discover_methods()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="bench-results")
-    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
-    parser.add_argument("--generator-updates", type=int, default=60)
+    parser = benchmark_parser(__doc__, methods, generator_updates=60)
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4], choices=[2, 4])
     parser.add_argument("--nfe", type=int, nargs="+", default=[1], help="student steps scored (1 always)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
-    parser.add_argument("--seed-eval", type=int, default=1234, help="evaluation noise seed (the card's protocol)")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.nfe = sorted(set(args.nfe) | {1})
     if args.worker:
