@@ -91,35 +91,57 @@ def forget_classes_of_sfd() -> list[int] | None:
     return list(args.get("forget_classes", [])) or None
 
 
+#: every benchmark run: no logger, progress bar, summary or validation; the stop is the generator-update budget
+BENCHMARK_OVERRIDES = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                       "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0",
+                       "--trainer.max_steps=-1", "--trainer.max_epochs=1000"]
+
+
+def config_generator_updates(config: str, module, trainer) -> int | None:
+    """The generator updates the config's own ``max_steps`` buys: Lightning counts every optimizer step, so a method
+    with a critic makes max_steps / (1 + critic steps per generator step) generator updates."""
+    import yaml
+
+    with open(config) as handle:
+        max_steps = (yaml.safe_load(handle).get("trainer") or {}).get("max_steps") or -1
+    if max_steps <= 0:
+        return None
+    if not module.uses_critic:
+        return max_steps
+    ttur = next((c for c in trainer.callbacks if type(c).__name__ == "TwoTimeScaleUpdate"), None)
+    return max(1, round(max_steps / (1 + (ttur.ratio if ttur is not None else 1))))
+
+
+def train_for_generator_updates(config: str, generator_updates: int, seed: int):
+    """Build ``config`` through the project's CLI and train it for ``generator_updates`` generator updates; a staged
+    method's stages (PD's halvings, TCM's stage 1, YONOS-SR's scale stages, ...) shrink by the same factor as the run,
+    so the benchmark reaches every stage. Checkpoint and in-loop FID / sample callbacks are dropped: a benchmark
+    scores once at the end with its own protocol. Returns (module, datamodule, trainer, updates, train_seconds)."""
+    from benchmarks.budget import scale_stage_lengths
+    from lightning_modules.cli import main as cli_main
+
+    cli = cli_main(["-c", config, *BENCHMARK_OVERRIDES, f"--seed_everything={seed}"], run=False)
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    full_run = config_generator_updates(config, module, trainer)
+    if full_run:
+        scale_stage_lengths(module, generator_updates / full_run)
+    trainer.callbacks[:] = [c for c in trainer.callbacks
+                            if type(c).__name__ not in ("ModelCheckpoint", "FIDCallback", "SampleImages")]
+    stopper = StopAfterGeneratorUpdates.build(generator_updates)
+    trainer.callbacks.append(stopper)
+    start = time.time()
+    trainer.fit(module, datamodule)
+    return module, datamodule, trainer, stopper.updates, time.time() - start
+
+
 def run_method(method: str, args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from lightning_modules.cli import main as cli_main
     from lightning_modules.evaluation.image_report import fixed_inputs, score, timed_samples
 
-    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                 "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", "--trainer.max_steps=-1",
-                 "--trainer.max_epochs=1000", f"--seed_everything={args.seed}"]
-    import yaml
-
-    from benchmarks.budget import scale_stage_lengths
-
-    config = os.path.join(CONFIGS, f"{method}.yaml")
-    cli = cli_main(["-c", config, *overrides], run=False)
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    with open(config) as handle:
-        config_steps = (yaml.safe_load(handle).get("trainer") or {}).get("max_steps") or -1
-    if config_steps > 0:  # staged methods count max_steps in generator updates (no critic)
-        scale_stage_lengths(module, args.generator_updates / config_steps)
-    # drop checkpoint / in-loop FID callbacks: the benchmark scores once at the end with its own protocol
-    trainer.callbacks[:] = [c for c in trainer.callbacks
-                            if type(c).__name__ not in ("ModelCheckpoint", "FIDCallback", "SampleImages")]
-    stopper = StopAfterGeneratorUpdates.build(args.generator_updates)
-    trainer.callbacks.append(stopper)
-    start = time.time()
-    trainer.fit(module, datamodule)
-    train_seconds = time.time() - start
+    module, datamodule, trainer, updates, train_seconds = train_for_generator_updates(
+        os.path.join(CONFIGS, f"{method}.yaml"), args.generator_updates, args.seed)
 
     module.eval()
     reference_all, reference_labels = datamodule.split("test")[:2]
@@ -136,8 +158,8 @@ def run_method(method: str, args) -> dict:
             fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
         if nfe in args.inception_nfe:  # the standard (slow on CPU) FID network, where a target is stated in it
             inception_by_nfe[nfe] = score(few_step, reference, reference_key, ["inception"])["inception"]["fid"]
-    record = {"method": method, "generator_updates": stopper.updates, "optimizer_steps": trainer.global_step,
-              "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, stopper.updates),
+    record = {"method": method, "generator_updates": updates, "optimizer_steps": trainer.global_step,
+              "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, updates),
               "images_per_second": speed, "peak_memory_mb": peak_memory_mb(), "fid": fid["fid"],
               "fid_by_nfe": {str(n): v for n, v in sorted(fid_by_nfe.items())}, "metrics": fid,
               "inception_fid_by_nfe": {str(n): v for n, v in sorted(inception_by_nfe.items())},

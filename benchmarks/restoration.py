@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.image_methods import (StopAfterGeneratorUpdates, benchmark_parser, launch_worker,  # noqa: E402
-                                      network_sizes, peak_memory_mb)
+from benchmarks.image_methods import (benchmark_parser, launch_worker, network_sizes, peak_memory_mb,  # noqa: E402
+                                      train_for_generator_updates)
 
 CONFIGS = os.path.join(ROOT, "experiments", "mnist_sr")
 TEACHER = os.path.join(ROOT, "assets", "mnist-sr-teacher")
@@ -40,22 +40,10 @@ def run_method(method: str, args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from lightning_modules.cli import main as cli_main
     from lightning_modules.evaluation.restoration_metrics import score_restoration
 
-    overrides = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                 "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", "--trainer.max_steps=-1",
-                 "--trainer.max_epochs=1000", f"--seed_everything={args.seed}"]
-    cli = cli_main(["-c", os.path.join(CONFIGS, f"{method}.yaml"), *overrides], run=False)
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    trainer.callbacks[:] = [c for c in trainer.callbacks
-                            if type(c).__name__ not in ("ModelCheckpoint", "FIDCallback", "SampleImages")]
-    stopper = StopAfterGeneratorUpdates.build(args.generator_updates)
-    trainer.callbacks.append(stopper)
-    start = time.time()
-    trainer.fit(module, datamodule)
-    train_seconds = time.time() - start
-
+    module, _, trainer, updates, train_seconds = train_for_generator_updates(
+        os.path.join(CONFIGS, f"{method}.yaml"), args.generator_updates, args.seed)
     module.eval()
 
     def at(nfe: int):
@@ -63,8 +51,8 @@ def run_method(method: str, args) -> dict:
             return module.sample(noise, cond, nfe)
         return restore
     scores = score_restoration(at, args.nfe, args.scales, args.num_images, args.seed_eval, [EXTRACTOR])
-    return {"method": method, "generator_updates": stopper.updates, "optimizer_steps": trainer.global_step,
-            "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, stopper.updates),
+    return {"method": method, "generator_updates": updates, "optimizer_steps": trainer.global_step,
+            "train_seconds": train_seconds, "seconds_per_generator_update": train_seconds / max(1, updates),
             "peak_memory_mb": peak_memory_mb(), "networks": network_sizes(module), "scores": scores}
 
 

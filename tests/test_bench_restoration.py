@@ -58,3 +58,20 @@ def test_bad_budgets_are_refused_naming_the_value(bad, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         restoration.main()
     assert bad[1] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, full_run, stages", [
+    ("yonos_sr", 500, {"scale_steps": 120, "one_step_steps": 80}),   # no critic: max_steps are generator updates
+    ("instarevive", 300, {"scope_steps": 200})])                      # TTUR 1:1: 600 optimizer steps, 300 updates
+def test_a_run_shortened_to_the_budget_reaches_every_stage(method, full_run, stages):
+    """At 200 generator updates YONOS-SR's one-step stage (after 300 scale-distillation updates) never started before
+    the benchmark shrank the stages with the run."""
+    from benchmarks.budget import scale_stage_lengths
+    from benchmarks.image_methods import BENCHMARK_OVERRIDES, config_generator_updates
+    from lightning_modules.cli import main
+
+    config = os.path.join(restoration.CONFIGS, f"{method}.yaml")
+    cli = main(["-c", config, *BENCHMARK_OVERRIDES], run=False)
+    assert config_generator_updates(config, cli.model, cli.trainer) == full_run
+    scale_stage_lengths(cli.model, 200 / full_run)
+    assert {name: getattr(cli.model, name) for name in stages} == stages
