@@ -151,11 +151,13 @@ def run_method(method: str, args) -> dict:
     samples, speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
     fid = score(samples, reference, reference_key, [EXTRACTOR])[EXTRACTOR]
     fid_by_nfe = {1: fid["fid"]}
-    inception_by_nfe = {}
+    inception_by_nfe, accuracy_by_nfe = {}, {}
     for nfe in sorted(set(args.nfe) | set(args.inception_nfe)):  # the same noise and labels, K-step sampler
         few_step = samples if nfe == 1 else timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)[0]
         if nfe in args.nfe and nfe != 1:
             fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
+        if nfe in args.nfe and labels is not None:  # prompt adherence: the reward PSO / RG-LCD raise
+            accuracy_by_nfe[nfe] = (classify(few_step) == labels).float().mean().item()
         if nfe in args.inception_nfe:  # the standard (slow on CPU) FID network, where a target is stated in it
             inception_by_nfe[nfe] = score(few_step, reference, reference_key, ["inception"])["inception"]["fid"]
     record = {"method": method, "generator_updates": updates, "optimizer_steps": trainer.global_step,
@@ -163,6 +165,7 @@ def run_method(method: str, args) -> dict:
               "images_per_second": speed, "peak_memory_mb": peak_memory_mb(), "fid": fid["fid"],
               "fid_by_nfe": {str(n): v for n, v in sorted(fid_by_nfe.items())}, "metrics": fid,
               "inception_fid_by_nfe": {str(n): v for n, v in sorted(inception_by_nfe.items())},
+              "label_accuracy_by_nfe": {str(n): v for n, v in sorted(accuracy_by_nfe.items())},
               "networks": network_sizes(module),
               "optimizer_state_mb": {name: optimizer_state_mb(module._optimizer(name).optimizer)
                                      for name in (["generator", "critic"] if module.uses_critic else ["generator"])}}
@@ -177,16 +180,24 @@ def run_method(method: str, args) -> dict:
     return record
 
 
+def classify(samples):
+    """The shipped MNIST classifier's digit for each sample (28x28 images in [-1, 1], as the samples are)."""
+    import torch
+
+    from lightning_modules.evaluation.feature_extractors import load_or_train_mnist_classifier
+
+    classifier = load_or_train_mnist_classifier()[0].eval()
+    with torch.no_grad():
+        return torch.cat([classifier(samples[i:i + 500]).argmax(1) for i in range(0, len(samples), 500)])
+
+
 def kept_class_scores(samples, labels, reference_all, reference_labels, forget, args) -> dict:
     """SFD's two numbers: how often the classifier sees a forgotten class, and FID restricted to the kept classes."""
     import torch
 
-    from lightning_modules.evaluation.feature_extractors import load_or_train_mnist_classifier
     from lightning_modules.evaluation.image_metrics import image_metrics
 
-    classifier = load_or_train_mnist_classifier()[0].eval()
-    with torch.no_grad():  # the classifier reads 28x28 images in [-1, 1], as the samples are
-        predicted = torch.cat([classifier(samples[i:i + 500]).argmax(1) for i in range(0, len(samples), 500)])
+    predicted = classify(samples)
     forgotten = torch.isin(predicted, torch.tensor(forget))
     kept = ~torch.isin(labels, torch.tensor(forget))
     reference_kept = reference_all[~torch.isin(reference_labels, torch.tensor(forget))][:int(kept.sum())]
@@ -238,6 +249,12 @@ def launch(method: str, args, scratch: str) -> dict:
     return launch_worker(__file__, method, worker_args, scratch)
 
 
+def accuracy(record, nfes) -> str:
+    """The classifier's agreement with the requested digit at each step count ("" where not measured)."""
+    by_nfe = record.get("label_accuracy_by_nfe") or {}
+    return "/".join(f"{by_nfe[str(n)]:.3f}" for n in nfes if str(n) in by_nfe)
+
+
 def markdown(records, protocol) -> str:
     lines = ["# MNIST benchmark", "",
              f"Each method: {protocol['generator_updates']} generator updates from the shipped teacher, then "
@@ -246,11 +263,12 @@ def markdown(records, protocol) -> str:
              f"seed {protocol['seed_eval']}) against the first {protocol['num_samples']} MNIST test images. "
              "Teacher (card): 32-step Heun FID 1.62, 1 step 68.5; floor train-vs-test 2.81.", "",
              "| method | " + " | ".join(f"{n}-step FID" for n in protocol["nfe"]) + " | s / generator update | "
-             "optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB |",
-             "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|"]
+             "optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB | "
+             f"label accuracy ({'/'.join(map(str, protocol['nfe']))} steps) |",
+             "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed |" + " |" * (len(protocol["nfe"]) + 5))
+            lines.append(f"| {r['method']} | failed |" + " |" * (len(protocol["nfe"]) + 6))
             continue
         nets = r["networks"]
         critic = nets.get("critic", {})
@@ -258,7 +276,8 @@ def markdown(records, protocol) -> str:
         fids = " | ".join(f"{by_nfe[str(n)]:.2f}" if str(n) in by_nfe else "" for n in protocol["nfe"])
         lines.append(f"| {r['method']} | {fids} | {r['seconds_per_generator_update']:.3f} | "
                      f"{r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
-                     f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} |")
+                     f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} | "
+                     f"{accuracy(r, protocol['nfe'])} |")
     extras = [r for r in records if "kept_class_fid" in r]
     if extras:
         lines += ["", "Forgetting (SFD) and the kept classes' FID next to plain DMD2:", "",
