@@ -263,19 +263,19 @@ def markdown(records, protocol) -> str:
              f"seed {protocol['seed_eval']}) against the first {protocol['num_samples']} MNIST test images. "
              "Teacher (card): 32-step Heun FID 1.62, 1 step 68.5; floor train-vs-test 2.81.", "",
              "| method | " + " | ".join(f"{n}-step FID" for n in protocol["nfe"]) + " | s / generator update | "
-             "optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB | "
+             "1-step images / s | optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB | "
              f"label accuracy ({'/'.join(map(str, protocol['nfe']))} steps) |",
-             "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|---|"]
+             "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed |" + " |" * (len(protocol["nfe"]) + 6))
+            lines.append(f"| {r['method']} | failed |" + " |" * (len(protocol["nfe"]) + 7))
             continue
         nets = r["networks"]
         critic = nets.get("critic", {})
         by_nfe = r.get("fid_by_nfe", {"1": r["fid"]})
         fids = " | ".join(f"{by_nfe[str(n)]:.2f}" if str(n) in by_nfe else "" for n in protocol["nfe"])
         lines.append(f"| {r['method']} | {fids} | {r['seconds_per_generator_update']:.3f} | "
-                     f"{r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
+                     f"{r.get('images_per_second', 0.0):.0f} | {r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
                      f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} | "
                      f"{accuracy(r, protocol['nfe'])} |")
     extras = [r for r in records if "kept_class_fid" in r]
