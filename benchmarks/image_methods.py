@@ -148,12 +148,18 @@ def run_method(method: str, args) -> dict:
     reference = reference_all[:args.num_samples]
     reference_key = f"mnist-test-{reference.shape[-2]}x{reference.shape[-1]}"
     noise, labels = fixed_inputs(args.num_samples, reference.shape[1:], datamodule.num_classes, args.seed_eval)
-    samples, speed = timed_samples(lambda z, c: module.sample(z, c, nfe=1), noise, labels)
+    def samples_at(nfe: int):
+        # a stochastic K-step sampler's fresh noise is seeded per step count, so what was scored before (classifier
+        # loads, other step counts) does not change it
+        torch.manual_seed(args.seed_eval + nfe)
+        return timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)
+
+    samples, speed = samples_at(1)
     fid = score(samples, reference, reference_key, [EXTRACTOR])[EXTRACTOR]
     fid_by_nfe = {1: fid["fid"]}
     inception_by_nfe, accuracy_by_nfe = {}, {}
     for nfe in sorted(set(args.nfe) | set(args.inception_nfe)):  # the same noise and labels, K-step sampler
-        few_step = samples if nfe == 1 else timed_samples(lambda z, c: module.sample(z, c, nfe=nfe), noise, labels)[0]
+        few_step = samples if nfe == 1 else samples_at(nfe)[0]
         if nfe in args.nfe and nfe != 1:
             fid_by_nfe[nfe] = score(few_step, reference, reference_key, [EXTRACTOR])[EXTRACTOR]["fid"]
         if nfe in args.nfe and labels is not None:  # prompt adherence: the reward PSO / RG-LCD raise
