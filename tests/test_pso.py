@@ -164,3 +164,29 @@ def test_pso_target_images_pull_the_one_step_student_toward_the_training_law(tmp
           f"{after['mode_weight_tv']:.3f}, modes {after['modes_covered']}")
     assert after["sliced_w2"] < 0.65 * before["sliced_w2"]
     assert after["mode_weight_tv"] < 0.05 and after["modes_covered"] == 8
+
+
+def test_text_to_image_pairs_are_ordered_by_the_clip_score_of_their_own_prompt(tmp_path):
+    """experiments/mnist_t2i/pso.yaml: the 4-step latent student's pairs, decoded and scored by the shipped MNIST CLIP
+    against each row's prompt -- the winner's score is the larger of the two, and the prompt is what is scored."""
+    import os
+
+    from tests.test_t2i_configs import ROOT, _overrides
+    from tests.toy_runs import build
+
+    torch.manual_seed(0)
+    cli = build(os.path.join(ROOT, "experiments", "mnist_t2i", "pso.yaml"), *_overrides(tmp_path))
+    module, datamodule = cli.model, cli.datamodule
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    module.setup("fit")
+    assert len(module.student_times) == 4 and not module.uses_critic
+    torch.manual_seed(1)
+    winner, loser, gap = module.preference_pairs(batch)
+    prompts = batch["prompts"]
+    r_w, r_l = module.score(winner, batch["cond"], prompts), module.score(loser, batch["cond"], prompts)
+    assert torch.allclose(r_w - r_l, gap, atol=1e-3) and bool((gap >= 0).all()) and float(gap.max()) > 0
+    shuffled = list(reversed(prompts))
+    assert not torch.allclose(module.score(winner, batch["cond"], shuffled), r_w)  # the score reads the prompt
+    loss = module.generator_loss(batch)["loss"]
+    assert torch.isfinite(loss) and abs(float(loss) - math.log(2)) < 1e-4  # theta = ref at the start: L = log 2

@@ -9,7 +9,8 @@ online variant (Sec. 3.3) with preferences from a reward, per batch:
   c, z_a ~ batch;  z_b = rho z_a + sqrt(1 - rho^2) xi          (a neighbour noise of the same condition)
   x_a, x_b = sg G_theta(z_a, c), sg G_theta(z_b, c)            (the student's own samples, K steps)
   (x_w, x_l) = the pair ordered by the reward r(x, c)          (rewards.py: exact mixture log-density on the toy
-                                                               suite, MNIST classifier log-prob, CLIP score)
+                                                               suite, MNIST classifier log-prob, CLIP score of
+                                                               the prompt: experiments/mnist_t2i/pso.yaml)
   t ~ the student's own sampling times (or ``time_sampler``);  eps ~ N(0, I), shared by the pair and both networks
   d_net(x) = mean (x - net(alpha_t x + sigma_t eps, t, c))^2   (the denoising error: the likelihood surrogate)
   L = - log sigmoid( -beta [ (d_theta(x_w) - d_ref(x_w)) - (d_theta(x_l) - d_ref(x_l)) ] )
@@ -102,17 +103,19 @@ class PairwiseSampleOptimization(DistillationModule):
         rho = self.pair_correlation
         return rho * noise + math.sqrt(1 - rho ** 2) * torch.randn_like(noise)
 
-    def score(self, x0: Tensor, cond) -> Tensor:
-        """The reward of each sample (decoded to images first for an image reward on a latent teacher)."""
-        return self.reward(self.to_images(x0) if getattr(self.reward, "reads_images", False) else x0, cond).float()
+    def score(self, x0: Tensor, cond, prompts=None) -> Tensor:
+        """The reward of each sample (decoded to images first for an image reward on a latent teacher; a text reward
+        such as rewards.CLIPReward reads the batch's prompts)."""
+        images = self.to_images(x0) if getattr(self.reward, "reads_images", False) else x0
+        return self.reward(images, cond, prompts).float()
 
     @torch.no_grad()
     def preference_pairs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """(x_w, x_l, reward gap r_w - r_l) from two student samples per condition."""
-        noise, cond = batch["noise"], batch.get("cond")
+        noise, cond, prompts = batch["noise"], batch.get("cond"), batch.get("prompts")
         x_a = self.generate(noise, cond)
         x_b = self.generate(self.neighbour_noise(noise), cond)
-        r_a, r_b = self.score(x_a, cond), self.score(x_b, cond)
+        r_a, r_b = self.score(x_a, cond, prompts), self.score(x_b, cond, prompts)
         a_wins = (r_a >= r_b).view(-1, *([1] * (x_a.dim() - 1)))
         winner, loser = torch.where(a_wins, x_a, x_b), torch.where(a_wins, x_b, x_a)
         return winner, loser, (r_a - r_b).abs()
@@ -156,6 +159,6 @@ class PairwiseSampleOptimization(DistillationModule):
         winner, loser, gap = self.preference_pairs(batch)
         t = self.pair_times(winner.shape[0], winner.device)
         losses = self.pairwise_loss(winner, loser, t, self.noise_like(winner), cond)
-        losses["reward_winner"] = self.score(winner, cond).mean()
+        losses["reward_winner"] = self.score(winner, cond, batch.get("prompts")).mean()
         losses["reward_gap"] = gap.mean()
         return losses
