@@ -1,5 +1,5 @@
-"""experiments/mnist_t2i: every config builds against the shipped text-to-image teacher and takes a critic and a
-generator step in the prompt-only regime (batches of noise and encoded captions, no image); every method has a
+"""experiments/mnist_t2i: every config builds against the shipped text-to-image teacher and takes a generator step
+(and a critic step where the method has a critic) in the prompt-only regime (batches of noise and encoded captions, no image); every method has a
 prompt-only config, a pair-regime config (experiments/mnist_t2i/pairs, tests/test_t2i_pair_configs.py) or a reason."""
 from __future__ import annotations
 
