@@ -17,6 +17,7 @@ Writes ``mnist.json`` and ``mnist.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -148,6 +149,7 @@ def run_method(method: str, args) -> dict:
     reference = reference_all[:args.num_samples]
     reference_key = f"mnist-test-{reference.shape[-2]}x{reference.shape[-1]}"
     noise, labels = fixed_inputs(args.num_samples, reference.shape[1:], datamodule.num_classes, args.seed_eval)
+
     def samples_at(nfe: int):
         # a stochastic K-step sampler's fresh noise is seeded per step count, so what was scored before (classifier
         # loads, other step counts) does not change it
@@ -186,13 +188,19 @@ def run_method(method: str, args) -> dict:
     return record
 
 
+@functools.lru_cache(maxsize=1)
+def mnist_classifier():
+    """The shipped MNIST classifier, loaded once per process (classify runs at every scored step count)."""
+    from lightning_modules.evaluation.feature_extractors import load_or_train_mnist_classifier
+
+    return load_or_train_mnist_classifier()[0].eval()
+
+
 def classify(samples):
     """The shipped MNIST classifier's digit for each sample (28x28 images in [-1, 1], as the samples are)."""
     import torch
 
-    from lightning_modules.evaluation.feature_extractors import load_or_train_mnist_classifier
-
-    classifier = load_or_train_mnist_classifier()[0].eval()
+    classifier = mnist_classifier()
     with torch.no_grad():
         return torch.cat([classifier(samples[i:i + 500]).argmax(1) for i in range(0, len(samples), 500)])
 
@@ -269,8 +277,8 @@ def markdown(records, protocol) -> str:
              f"seed {protocol['seed_eval']}) against the first {protocol['num_samples']} MNIST test images. "
              "Teacher (card): 32-step Heun FID 1.62, 1 step 68.5; floor train-vs-test 2.81.", "",
              "| method | " + " | ".join(f"{n}-step FID" for n in protocol["nfe"]) + " | s / generator update | "
-             "1-step images / s | optimizer steps | student params | critic trainable params | critic optimizer MB | peak RSS MB | "
-             f"label accuracy ({'/'.join(map(str, protocol['nfe']))} steps) |",
+             "1-step images / s | optimizer steps | student params | critic trainable params | critic optimizer MB | "
+             f"peak RSS MB | label accuracy ({'/'.join(map(str, protocol['nfe']))} steps) |",
              "|---|" + "---|" * len(protocol["nfe"]) + "---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
@@ -281,7 +289,8 @@ def markdown(records, protocol) -> str:
         by_nfe = r.get("fid_by_nfe", {"1": r["fid"]})
         fids = " | ".join(f"{by_nfe[str(n)]:.2f}" if str(n) in by_nfe else "" for n in protocol["nfe"])
         lines.append(f"| {r['method']} | {fids} | {r['seconds_per_generator_update']:.3f} | "
-                     f"{r.get('images_per_second', 0.0):.0f} | {r['optimizer_steps']} | {nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
+                     f"{r.get('images_per_second', 0.0):.0f} | {r['optimizer_steps']} | "
+                     f"{nets['student']['parameters']:,} | {critic.get('trainable', 0):,} | "
                      f"{r['optimizer_state_mb'].get('critic', 0.0):.2f} | {r['peak_memory_mb']:.0f} | "
                      f"{accuracy(r, protocol['nfe'])} |")
     extras = [r for r in records if "kept_class_fid" in r]

@@ -18,7 +18,8 @@ def test_classify_reads_mnist_test_digits_and_accuracy_is_per_step_count():
 def test_markdown_row_has_every_column_of_the_header():
     record = {"method": "pso", "fid": 3.0, "fid_by_nfe": {"1": 3.0, "2": 2.5, "4": 2.0},
               "label_accuracy_by_nfe": {"1": 0.9, "2": 0.95, "4": 0.99}, "seconds_per_generator_update": 1.5,
-              "images_per_second": 250.0, "optimizer_steps": 200, "networks": {"student": {"parameters": 10, "trainable": 10}},
+              "images_per_second": 250.0, "optimizer_steps": 200,
+              "networks": {"student": {"parameters": 10, "trainable": 10}},
               "optimizer_state_mb": {"generator": 1.0}, "peak_memory_mb": 900.0}
     protocol = {"generator_updates": 200, "nfe": [1, 2, 4], "num_samples": 1000, "seed_eval": 1234}
     table = [line for line in image_methods.markdown([record, {"method": "bad", "error": "x"}], protocol).splitlines()
