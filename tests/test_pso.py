@@ -190,3 +190,14 @@ def test_text_to_image_pairs_are_ordered_by_the_clip_score_of_their_own_prompt(t
     assert not torch.allclose(module.score(winner, batch["cond"], shuffled), r_w)  # the score reads the prompt
     loss = module.generator_loss(batch)["loss"]
     assert torch.isfinite(loss) and abs(float(loss) - math.log(2)) < 1e-4  # theta = ref at the start: L = log 2
+
+
+def test_clip_reward_without_a_prompt_per_sample_names_the_counts():
+    from lightning_modules.methods.rewards import CLIPReward
+
+    reward = CLIPReward()
+    images = torch.zeros(3, 1, 32, 32)
+    with pytest.raises(ValueError, match="3 samples, no prompts"):
+        reward(images)
+    with pytest.raises(ValueError, match="3 samples, 2 prompts"):
+        reward(images, prompts=["a 1", "a 2"])

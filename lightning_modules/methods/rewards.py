@@ -122,7 +122,9 @@ class CLIPReward(Reward):
         from ..evaluation.clip_score import CLIP_SCORE_WEIGHT
 
         if prompts is None or len(prompts) != x0.shape[0]:
-            raise ValueError("CLIPReward needs one prompt per sample (batch['prompts'])")
+            got = "no prompts" if prompts is None else f"{len(prompts)} prompts"
+            raise ValueError(f"CLIPReward needs one prompt per sample (batch['prompts']): {x0.shape[0]} samples, {got} "
+                             "(a prompt-only DataModule, e.g. datamodules.PromptDataModule, serves them)")
         image = F.normalize(self.scorer.model.encode_image(self.scorer.preprocess(x0)).float(), dim=-1)
         text = self.scorer.text_features(list(prompts)).to(image.device)
         return (CLIP_SCORE_WEIGHT * (image * text).sum(-1)).to(x0.dtype)
